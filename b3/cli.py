@@ -1,0 +1,152 @@
+"""The `b3` command: run mining stages from a B3Job manifest and inspect their output.
+
+    b3 validate  job.yaml     check a manifest, print the resolved spec
+    b3 rank      job.yaml     teacher embeddings + top p+m positives per query
+    b3 partition job.yaml     METIS communities of clusterSize rows
+    b3 inspect   job.yaml     batch hardness: mined vs random batches
+    b3 schema                 the B3Job spec as a CRD OpenAPI v3 schema (JSON)
+
+Exit codes: 0 done (or already done), 2 bad input (manifest or data; the message names the
+problem and, inside a pod, also goes to the termination log), 1 anything else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable
+
+from b3.data import EXIT_BAD_INPUT, DataError
+from b3.spec import SpecError, load_manifest, spec_openapi_schema, spec_to_dict
+
+log = logging.getLogger("b3")
+
+TERMINATION_LOG = "/dev/termination-log"
+
+
+def write_termination_message(message: str) -> None:
+    """Kubernetes shows this file's content as the container's termination message."""
+    path = os.environ.get("B3_TERMINATION_LOG", TERMINATION_LOG)
+    if os.path.exists(os.path.dirname(path) or ".") and (
+        os.path.exists(path) or "B3_TERMINATION_LOG" in os.environ
+    ):
+        try:
+            with open(path, "w") as f:
+                f.write(message[-4096:])  # the kubelet keeps at most 4 KiB
+        except OSError:
+            pass
+
+
+def _print_record(stage: str, record: dict) -> None:
+    if record.get("skipped"):
+        print(f"{stage}: up to date (fingerprint {record['fingerprint'][:12]}), skipped")
+        return
+    summary = record["summary"]
+    print(f"{stage}: done in {record['seconds']:.1f}s")
+    for key, value in summary.items():
+        if key in ("notes", "clamped"):
+            for line in value:
+                print(f"  note: {line}")
+        else:
+            print(f"  {key}: {value}")
+
+
+def _print_inspect(result: dict) -> None:
+    print(
+        f"batch hardness, |B|={result['batch_size']}, top-K={result['top_k']} (teacher cosine, higher = harder)"
+    )
+    print(f"  {'batches':<18}{'count':>7}{'top-K neg':>11}{'top-1 neg':>11}{'mean neg':>10}")
+    for name, row in result["batches"].items():
+        print(
+            f"  {name:<18}{row['count']:>7}{row['topk_negative']:>11.4f}"
+            f"{row['top1_negative']:>11.4f}{row['mean_negative']:>10.4f}"
+        )
+    print(
+        f"  b3 / random (top-K): {result['hardness_ratio_vs_random']:.2f}x; "
+        f"b3 / random same task: {result['hardness_ratio_vs_random_same_task']:.2f}x"
+    )
+
+
+def _stage_runner(name: str) -> Callable:
+    from b3 import stages  # heavy imports (torch, transformers) only for commands that need them
+
+    return {"rank": stages.rank_stage, "partition": stages.partition_stage}[name]
+
+
+def run_stage(name: str, manifest: str) -> int:
+    """Run one stage from a manifest with the exit-code contract above."""
+    try:
+        job = load_manifest(manifest)
+        record = _stage_runner(name)(job)
+    except (SpecError, DataError) as err:
+        message = f"{name}: {err}"
+        print(message, file=sys.stderr)
+        write_termination_message(message)
+        return EXIT_BAD_INPUT
+    _print_record(name, record)
+    return 0
+
+
+def stage_main(name: str, argv: list[str] | None = None) -> int:
+    """Entry point of a stage program in a pod: the manifest from argv or $B3_MANIFEST."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    argv = sys.argv[1:] if argv is None else argv
+    return run_stage(name, argv[0] if argv else os.environ.get("B3_MANIFEST", "/etc/b3/job.yaml"))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="b3", description="B3 smart batch mining.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, text in [
+        ("validate", "check a manifest and print the resolved spec"),
+        ("rank", "embed with the teacher and rank positives per query"),
+        ("partition", "partition the rank graph into communities with METIS"),
+        ("inspect", "compare batch hardness of mined and random batches"),
+    ]:
+        cmd = sub.add_parser(name, help=text, description=text)
+        cmd.add_argument("manifest", help="B3Job manifest (YAML)")
+        if name == "inspect":
+            cmd.add_argument(
+                "--top-k", type=int, default=None, help="K of H_B^K (default: clusterSize)"
+            )
+            cmd.add_argument("--epoch", type=int, default=0, help="epoch whose batches to measure")
+            cmd.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    sub.add_parser("schema", help="print the spec's OpenAPI v3 schema (for the CRD)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    if args.command == "schema":
+        print(json.dumps(spec_openapi_schema(), indent=2))
+        return 0
+    if args.command in ("rank", "partition"):
+        return run_stage(args.command, args.manifest)
+    try:
+        job = load_manifest(args.manifest)
+        if args.command == "validate":
+            print(json.dumps({"name": job.name, "spec": spec_to_dict(job.spec)}, indent=2))
+            return 0
+        from b3.stages import inspect_stage
+
+        result = inspect_stage(job, top_k=args.top_k, epoch=args.epoch)
+    except (SpecError, DataError) as err:
+        print(f"{args.command}: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        _print_inspect(result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

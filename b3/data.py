@@ -1,0 +1,192 @@
+"""Loading (query, positive) pairs and refusing bad input before any compute is spent.
+
+`load_pairs` reads parquet, JSONL or CSV from a path or URI with pyarrow, checks it, keeps the
+training split and returns `Pairs`. Every problem raises `DataError`, which the stage
+programs turn into exit code 2 with the message in the pod's termination log.
+
+Rows whose positive texts are identical share a `positive_group`; downstream code uses it so
+that a query never meets its own positive's duplicates as negatives.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.json as pajson
+import pyarrow.parquet as pq
+
+from b3.spec import DatasetSpec
+from b3.storage import fingerprint, resolve_filesystem
+
+EXIT_BAD_INPUT = 2
+SINGLE_TASK = "all"
+
+_FORMATS = {
+    ".parquet": "parquet", ".pq": "parquet",
+    ".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl",
+    ".csv": "csv", ".tsv": "csv",
+}  # fmt: skip
+
+
+class DataError(ValueError):
+    """Input that no stage can use. Stages exit with EXIT_BAD_INPUT and this message."""
+
+
+@dataclass(frozen=True)
+class Pairs:
+    """Training rows. Row i is (queries[i], positives[i]); arrays are aligned by row."""
+
+    ids: np.ndarray  # (N,) str
+    queries: np.ndarray  # (N,) str
+    positives: np.ndarray  # (N,) str
+    tasks: np.ndarray  # (N,) str
+    positive_group: np.ndarray  # (N,) int64, equal for rows with identical positive text
+    source_fingerprint: str  # identity of the file and of the columns and split used
+    held_out: int  # rows of the file left out as the test split
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def split_bucket(keys: list[str], buckets: int) -> np.ndarray:
+    """Bucket of each key: int(md5(key)[:8], 16) % buckets (stable across processes)."""
+    return np.fromiter(
+        (int(hashlib.md5(k.encode()).hexdigest()[:8], 16) % buckets for k in keys),
+        dtype=np.int64,
+        count=len(keys),
+    )
+
+
+def _detect_format(path: str, declared: str) -> str:
+    if declared != "auto":
+        return declared
+    name = path.lower().removesuffix(".gz").removesuffix(".zst")
+    for ext, fmt in _FORMATS.items():
+        if name.endswith(ext):
+            return fmt
+    raise DataError(
+        f"dataset {path}: cannot tell the format from the extension; set dataset.format "
+        "to parquet, jsonl or csv"
+    )
+
+
+def read_table(spec: DatasetSpec) -> tuple[pa.Table, str]:
+    """The whole file as an Arrow table, and a fingerprint of the file (size and mtime)."""
+    try:
+        fs, path = resolve_filesystem(spec.uri)
+        info = fs.get_file_info(path)
+    except (OSError, ValueError) as err:
+        raise DataError(f"dataset {spec.uri}: cannot open ({err})") from None
+    if info.type.name == "NotFound":
+        raise DataError(f"dataset {spec.uri}: no such file")
+    fmt = _detect_format(path, spec.format)
+    try:
+        if fmt == "parquet":
+            table = pq.read_table(path, filesystem=fs)
+        else:
+            with fs.open_input_stream(path, compression="detect") as stream:
+                if fmt == "jsonl":
+                    table = pajson.read_json(stream)
+                else:
+                    delimiter = "\t" if path.lower().removesuffix(".gz").endswith(".tsv") else ","
+                    table = pacsv.read_csv(
+                        stream, parse_options=pacsv.ParseOptions(delimiter=delimiter)
+                    )
+    except (pa.ArrowException, OSError, ValueError) as err:
+        raise DataError(f"dataset {spec.uri}: unreadable as {fmt} ({err})") from None
+    return table, fingerprint(spec.uri, info.size, info.mtime_ns)
+
+
+def _text_column(table: pa.Table, name: str, role: str, uri: str) -> np.ndarray:
+    col = table.column(name)
+    if not pa.types.is_string(col.type) and not pa.types.is_large_string(col.type):
+        raise DataError(f"dataset {uri}: column {name!r} ({role}) must hold text, not {col.type}")
+    empty = pc.or_kleene(pc.is_null(col), pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(col)), 0))
+    bad = np.flatnonzero(empty.to_numpy(zero_copy_only=False).astype(bool, copy=False))
+    if len(bad):
+        rows = ", ".join(str(r) for r in bad[:5])
+        raise DataError(
+            f"dataset {uri}: {len(bad)} rows have a null or empty {name!r} ({role}); first at "
+            f"rows {rows}"
+        )
+    return np.asarray(col.to_pylist(), dtype=object)
+
+
+def load_pairs(spec: DatasetSpec, min_rows: int, split: str = "train") -> Pairs:
+    """Read, check and split the dataset; return the rows of `split` ("train" or "test").
+
+    Raises DataError for: an unreadable file, missing columns, null or empty texts, duplicate
+    ids, and fewer than `min_rows` rows in the split (one batch, for training).
+    """
+    table, file_fp = read_table(spec)
+    cols = spec.columns
+    wanted = {"query": cols.query, "positive": cols.positive, "task": cols.task, "id": cols.id}
+    if spec.split is not None:
+        wanted["split key"] = spec.split.key
+    missing = [
+        f"{name!r} ({role})"
+        for role, name in wanted.items()
+        if name and name not in table.column_names
+    ]
+    if missing:
+        raise DataError(
+            f"dataset {spec.uri}: missing column(s) {', '.join(missing)}; present: "
+            f"{', '.join(table.column_names)}"
+        )
+    if table.num_rows == 0:
+        raise DataError(f"dataset {spec.uri}: no rows")
+
+    if cols.id is not None:
+        ids = np.asarray(table.column(cols.id).cast(pa.string()).to_pylist(), dtype=object)
+        if any(i is None for i in ids):
+            raise DataError(f"dataset {spec.uri}: column {cols.id!r} (id) has nulls")
+        if len(set(ids)) != len(ids):
+            raise DataError(f"dataset {spec.uri}: column {cols.id!r} (id) has duplicate values")
+    else:
+        ids = np.asarray([str(i) for i in range(table.num_rows)], dtype=object)
+
+    if spec.split is not None:
+        keys = table.column(spec.split.key).cast(pa.string()).to_pylist()
+        if any(k is None for k in keys):
+            raise DataError(f"dataset {spec.uri}: split key column {spec.split.key!r} has nulls")
+        is_test = split_bucket(keys, spec.split.buckets) == spec.split.test_bucket
+        keep = is_test if split == "test" else ~is_test
+    else:
+        if split == "test":
+            raise DataError("dataset.split is not set, so there is no test split")
+        keep = np.ones(table.num_rows, dtype=bool)
+    table = table.filter(pa.array(keep))
+    ids = ids[keep]
+
+    queries = _text_column(table, cols.query, "query", spec.uri)
+    positives = _text_column(table, cols.positive, "positive", spec.uri)
+    if cols.task is not None:
+        tasks = table.column(cols.task).cast(pa.string())
+        if tasks.null_count:
+            raise DataError(f"dataset {spec.uri}: column {cols.task!r} (task) has nulls")
+        tasks = np.asarray(tasks.to_pylist(), dtype=object)
+    else:
+        tasks = np.full(len(ids), SINGLE_TASK, dtype=object)
+
+    if len(ids) < min_rows:
+        raise DataError(
+            f"dataset {spec.uri}: {len(ids)} {split} rows, fewer than one batch "
+            f"(mining.batchSize = {min_rows})"
+        )
+    groups = pc.dictionary_encode(pa.array(positives, pa.string())).indices
+    return Pairs(
+        ids=ids,
+        queries=queries,
+        positives=positives,
+        tasks=tasks,
+        positive_group=groups.to_numpy().astype(np.int64),
+        source_fingerprint=fingerprint(
+            file_fp, spec.columns.model_dump(), spec.split and spec.split.model_dump(), split
+        ),
+        held_out=int((~keep).sum()),
+    )

@@ -1,0 +1,17 @@
+"""Connecting to Ray: the cluster at RAY_ADDRESS when set (KubeRay sets it), else a local one."""
+
+from __future__ import annotations
+
+import os
+
+
+def ensure_ray(workers: int) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=False)
+    else:
+        ray.init(num_cpus=max(workers, 1), include_dashboard=False, log_to_driver=False)

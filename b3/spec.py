@@ -1,0 +1,478 @@
+"""The B3Job spec: one model for the CLI, the stage programs and the CRD schema.
+
+A B3Job manifest is the YAML a user would `kubectl apply`:
+
+    apiVersion: b3.dev/v1alpha1
+    kind: B3Job
+    metadata: {name: quickstart}
+    spec:
+      dataset: {uri: pairs.parquet, columns: {task: task}}
+      mining: {batchSize: 64, clusterSize: 16}
+      workDir: ./work
+
+`load_manifest` parses and validates it; every problem in the file is reported together,
+each naming its field (`spec.mining.clusterSize: ...`). `spec_openapi_schema` exports the
+same model as a structural OpenAPI v3 schema for the Kubernetes CRD, so the cluster refuses
+what the CLI refuses.
+
+Field names are camelCase in YAML (Kubernetes convention) and snake_case in Python.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic.alias_generators import to_camel
+
+API_GROUP = "b3.dev"
+API_VERSION = "v1alpha1"
+KIND = "B3Job"
+
+
+class SpecError(ValueError):
+    """A manifest that cannot run. `errors` lists every problem, each naming its field."""
+
+    def __init__(self, errors: list[str]):
+        self.errors = list(errors)
+        super().__init__("invalid B3Job:\n  " + "\n  ".join(self.errors))
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(
+        alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True
+    )
+
+
+# --- dataset -----------------------------------------------------------------------------
+
+
+class ColumnsSpec(_Model):
+    query: str = Field("query", min_length=1, description="Column holding the query text.")
+    positive: str = Field("positive", min_length=1, description="Column holding the positive text.")
+    task: str | None = Field(
+        None,
+        min_length=1,
+        description="Column naming each row's task (source dataset). Absent: one task.",
+    )
+    id: str | None = Field(
+        None, min_length=1, description="Column with a unique row id. Absent: the row number."
+    )
+
+
+class SplitSpec(_Model):
+    key: str = Field(
+        ...,
+        min_length=1,
+        description="Column whose md5 hash assigns a row to a bucket. Rows that share a key "
+        "(e.g. a source package) land in the same split, which prevents leaks.",
+    )
+    buckets: int = Field(10, ge=2, le=1000, description="Number of hash buckets.")
+    test_bucket: int = Field(
+        0, ge=0, description="Rows whose bucket equals this are held out from every stage."
+    )
+
+    @model_validator(mode="after")
+    def _bucket_in_range(self) -> SplitSpec:
+        if self.test_bucket >= self.buckets:
+            raise ValueError(
+                f"testBucket ({self.test_bucket}) must be smaller than buckets ({self.buckets})"
+            )
+        return self
+
+
+class TaskPrompts(_Model):
+    query: str | None = Field(None, description="Prefix for this task's queries.")
+    positive: str | None = Field(None, description="Prefix for this task's positives.")
+
+
+class PromptsSpec(_Model):
+    query: str = Field("", description="Instruction prefixed to every query.")
+    positive: str = Field("", description="Instruction prefixed to every positive.")
+    by_task: dict[str, TaskPrompts] = Field(
+        default_factory=dict, description="Per-task prompts that replace the defaults above."
+    )
+
+    def for_task(self, task: str | None) -> tuple[str, str]:
+        """(query prompt, positive prompt) for a task."""
+        override = self.by_task.get(task) if task is not None else None
+        if override is None:
+            return self.query, self.positive
+        return (
+            self.query if override.query is None else override.query,
+            self.positive if override.positive is None else override.positive,
+        )
+
+
+class DatasetSpec(_Model):
+    uri: str = Field(
+        ...,
+        min_length=1,
+        description="Path or URI (file://, s3://, gs://, hdfs://) of the pairs file. "
+        "Relative paths are resolved against the manifest's folder.",
+    )
+    format: Literal["auto", "parquet", "jsonl", "csv"] = Field(
+        "auto", description="File format; auto picks it from the extension."
+    )
+    columns: ColumnsSpec = Field(default_factory=ColumnsSpec)
+    split: SplitSpec | None = Field(
+        None, description="Held-out test split. Absent: every row is used for training."
+    )
+    prompts: PromptsSpec = Field(default_factory=PromptsSpec)
+
+
+# --- teacher and ranking -----------------------------------------------------------------
+
+
+Pooling = Literal["mean", "cls", "last_token"]
+
+
+class TeacherSpec(_Model):
+    model: str = Field(
+        "sentence-transformers/all-MiniLM-L6-v2",
+        min_length=1,
+        description="Hugging Face model id or local path of the teacher.",
+    )
+    pooling: Pooling = Field("mean", description="How token states become one embedding.")
+    max_length: int = Field(
+        128, ge=8, le=32768, description="Tokens per text; longer texts are cut."
+    )
+    batch_size: int = Field(64, ge=1, description="Texts per forward pass.")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        "auto", description="Compute dtype; auto is bfloat16 on GPUs that have it, else float32."
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="auto uses CUDA when present."
+    )
+    use_prompts: bool = Field(
+        False, description="Prefix the dataset prompts to the teacher's inputs too."
+    )
+
+
+class RankSpec(_Model):
+    workers: int = Field(
+        1,
+        ge=1,
+        le=1024,
+        description="Ray workers for embedding and ranking. 1 runs in-process; more start Ray "
+        "(a Ray cluster when RAY_ADDRESS is set, else a local one).",
+    )
+    gpus_per_worker: float = Field(0, ge=0, le=16, description="GPUs each Ray worker claims.")
+    memory_budget_mib: int = Field(
+        1024,
+        ge=16,
+        description="Bound on the score block held at once by one worker (MiB); sets the block size.",
+    )
+
+
+# --- mining ------------------------------------------------------------------------------
+
+
+class MiningSpec(_Model):
+    p: int = Field(
+        30, ge=0, description="Top teacher ranks skipped as likely false negatives (paper's p)."
+    )
+    m: int = Field(100, ge=1, description="Ranks kept after the skipped ones (paper's m).")
+    cluster_size: int = Field(32, ge=2, description="Community size K that METIS aims for.")
+    batch_size: int = Field(
+        64, ge=2, description="Global batch size |B|; a multiple of clusterSize."
+    )
+    seed: int = Field(0, ge=0, description="Seed of the partition and of the batch order.")
+    per_task: bool = Field(True, description="Rank and partition within each task.")
+    mix_tasks: bool = Field(False, description="Allow batches to hold several tasks.")
+    edges: Literal["mutual", "union"] = Field(
+        "mutual",
+        description="Keep an edge i-j when both rank each other (mutual) or either does (union).",
+    )
+    min_task_size: int | None = Field(
+        None,
+        ge=1,
+        description="Tasks with fewer rows are pooled into one group. Default: batchSize.",
+    )
+    hard_negatives: int = Field(
+        0, ge=0, le=1024, description="B3++: hard negatives h per query, shared by the batch."
+    )
+
+    @model_validator(mode="after")
+    def _cross_field(self) -> MiningSpec:
+        errors = []
+        if self.batch_size % self.cluster_size:
+            errors.append(
+                f"clusterSize ({self.cluster_size}) must divide batchSize ({self.batch_size})"
+            )
+        if not self.per_task and not self.mix_tasks:
+            errors.append(
+                "perTask false builds communities across tasks, so batches would mix them: "
+                "set mixTasks true, or keep perTask true"
+            )
+        if errors:
+            raise ValueError("; ".join(errors))
+        return self
+
+    @property
+    def window(self) -> int:
+        """p + m: how many ranks per query the rank stage keeps."""
+        return self.p + self.m
+
+    @property
+    def pool_below(self) -> int:
+        return self.batch_size if self.min_task_size is None else self.min_task_size
+
+
+# --- training (consumed by the train stage) ----------------------------------------------
+
+
+class LoraSpec(_Model):
+    r: int = Field(8, ge=1, description="LoRA rank.")
+    alpha: int = Field(16, ge=1, description="LoRA alpha; the update is scaled by alpha / r.")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
+    target_modules: list[str] | None = Field(
+        None, description="Module names to adapt. Absent: chosen per model family."
+    )
+
+
+class TrainingSpec(_Model):
+    student: str = Field(
+        "sentence-transformers/all-MiniLM-L6-v2",
+        min_length=1,
+        description="Hugging Face model id or local path of the student.",
+    )
+    pooling: Pooling = Field("mean", description="How token states become one embedding.")
+    max_length: int = Field(128, ge=8, le=32768, description="Tokens per text.")
+    sampler: Literal["b3", "random"] = Field(
+        "b3", description="b3: mined batches; random: the baseline with the same batch size."
+    )
+    temperature: float = Field(0.02, gt=0, le=10, description="InfoNCE temperature (scale = 1/t).")
+    learning_rate: float = Field(1e-4, gt=0, le=1, description="Peak AdamW learning rate.")
+    warmup_ratio: float = Field(0.1, ge=0, lt=1, description="Share of steps spent warming up.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
+    epochs: int | None = Field(None, ge=1, description="Epochs to train. Give epochs or steps.")
+    steps: int | None = Field(None, ge=1, description="Optimizer steps to train.")
+    mini_batch_size: int | None = Field(
+        None, ge=1, description="GradCache chunk per process. Absent: no GradCache."
+    )
+    symmetric: bool = Field(False, description="Add the positive-to-query InfoNCE term.")
+    gather_across_devices: bool = Field(
+        True, description="Score each query against the positives of every process."
+    )
+    gradient_checkpointing: bool = Field(False, description="Trade compute for activation memory.")
+    lora: LoraSpec = Field(default_factory=LoraSpec)
+    nodes: int = Field(1, ge=1, le=4096, description="Training nodes (pods).")
+    processes_per_node: int = Field(1, ge=1, le=64, description="Processes (GPUs) per node.")
+    checkpoint_every: int = Field(500, ge=1, description="Steps between checkpoints.")
+    keep_checkpoints: int = Field(3, ge=1, description="Checkpoints kept on disk.")
+
+    @model_validator(mode="after")
+    def _steps_or_epochs(self) -> TrainingSpec:
+        if self.steps is not None and self.epochs is not None:
+            raise ValueError("give steps or epochs, not both")
+        return self
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.processes_per_node
+
+
+# --- the whole job -----------------------------------------------------------------------
+
+
+class B3JobSpec(_Model):
+    dataset: DatasetSpec
+    teacher: TeacherSpec = Field(default_factory=TeacherSpec)
+    rank: RankSpec = Field(default_factory=RankSpec)
+    mining: MiningSpec = Field(default_factory=MiningSpec)
+    training: TrainingSpec = Field(default_factory=TrainingSpec)
+    work_dir: str = Field(
+        ...,
+        min_length=1,
+        description="Where stages write their artifacts: a path (a mounted volume on Kubernetes) "
+        "or a URI (s3://bucket/prefix). Relative paths are resolved against the manifest's folder.",
+    )
+
+    @model_validator(mode="after")
+    def _cross_section(self) -> B3JobSpec:
+        errors = []
+        world = self.training.world_size
+        if self.mining.batch_size % world:
+            errors.append(
+                f"mining.batchSize ({self.mining.batch_size}) must be divisible by the "
+                f"{world} training processes (training.nodes x training.processesPerNode)"
+            )
+        local = self.mining.batch_size // world
+        mbs = self.training.mini_batch_size
+        if mbs is not None and mbs > local:
+            errors.append(
+                f"training.miniBatchSize ({mbs}) must not exceed the per-process batch ({local})"
+            )
+        if errors:
+            raise ValueError("; ".join(errors))
+        return self
+
+
+class ObjectMeta(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    name: str = Field("b3job", min_length=1)
+    namespace: str | None = None
+
+
+class B3Job(BaseModel):
+    """A whole manifest: apiVersion, kind, metadata, spec."""
+
+    model_config = ConfigDict(populate_by_name=True, extra="allow")
+    api_version: str = Field(f"{API_GROUP}/{API_VERSION}", alias="apiVersion")
+    kind: str = KIND
+    metadata: ObjectMeta = Field(default_factory=ObjectMeta)
+    spec: B3JobSpec
+
+    @property
+    def name(self) -> str:
+        return self.metadata.name
+
+
+# --- loading -----------------------------------------------------------------------------
+
+
+def _format_errors(err: ValidationError, prefix: str) -> list[str]:
+    out = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"] if not str(p).startswith("function-"))
+        msg = e["msg"].removeprefix("Value error, ")
+        where = f"{prefix}.{loc}" if loc else prefix
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field"
+        out.append(f"{where}: {msg}")
+    return out
+
+
+def parse_spec(spec: dict[str, Any]) -> B3JobSpec:
+    """Validate a bare spec dict (the manifest's `spec:`); raise SpecError listing every problem."""
+    try:
+        return B3JobSpec.model_validate(spec)
+    except ValidationError as err:
+        raise SpecError(_format_errors(err, "spec")) from None
+
+
+def _is_local(uri: str) -> bool:
+    return "://" not in uri or uri.startswith("file://")
+
+
+def _resolve_against(uri: str, base: Path) -> str:
+    if "://" in uri:
+        return uri
+    path = Path(os.path.expanduser(uri))
+    return str(path if path.is_absolute() else (base / path).resolve())
+
+
+def parse_manifest(doc: Any, base_dir: str | Path = ".") -> B3Job:
+    """Validate a manifest document; relative local paths resolve against `base_dir`."""
+    if not isinstance(doc, dict):
+        raise SpecError(["manifest: expected a mapping with apiVersion, kind, metadata and spec"])
+    errors = []
+    api_version = doc.get("apiVersion", f"{API_GROUP}/{API_VERSION}")
+    if api_version != f"{API_GROUP}/{API_VERSION}":
+        errors.append(f"apiVersion: expected {API_GROUP}/{API_VERSION}, got {api_version!r}")
+    if doc.get("kind", KIND) != KIND:
+        errors.append(f"kind: expected {KIND}, got {doc.get('kind')!r}")
+    if "spec" not in doc:
+        errors.append("spec: required")
+    spec = None
+    try:
+        spec = parse_spec(doc.get("spec") or {}) if "spec" in doc else None
+    except SpecError as err:
+        errors.extend(err.errors)
+    if errors:
+        raise SpecError(errors)
+    base = Path(base_dir).resolve()
+    resolved = spec.model_copy(
+        update={
+            "dataset": spec.dataset.model_copy(
+                update={"uri": _resolve_against(spec.dataset.uri, base)}
+            ),
+            "work_dir": _resolve_against(spec.work_dir, base),
+        }
+    )
+    return B3Job(
+        apiVersion=api_version,
+        kind=KIND,
+        metadata=ObjectMeta.model_validate(doc.get("metadata") or {}),
+        spec=resolved,
+    )
+
+
+def load_manifest(path: str | Path) -> B3Job:
+    """Read and validate a B3Job manifest file."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise SpecError([f"manifest {path}: cannot read ({err.strerror or err})"]) from None
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise SpecError([f"manifest {path}: not valid YAML ({err})"]) from None
+    return parse_manifest(doc, base_dir=path.parent)
+
+
+def spec_to_dict(spec: B3JobSpec) -> dict[str, Any]:
+    """The spec as the camelCase mapping a manifest holds (defaults filled in)."""
+    return spec.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
+# --- CRD schema --------------------------------------------------------------------------
+
+_KEEP = {
+    "type", "description", "default", "enum", "minimum", "maximum", "minLength", "maxLength",
+    "minItems", "maxItems", "pattern", "format", "items", "properties", "required",
+    "additionalProperties", "nullable",
+}  # fmt: skip
+
+
+def _structural(node: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
+    """Rewrite one pydantic JSON-schema node into Kubernetes' structural OpenAPI v3 subset."""
+    node = copy.deepcopy(node)
+    if "$ref" in node:
+        target = defs[node.pop("$ref").split("/")[-1]]
+        node = {**copy.deepcopy(target), **node}
+    nullable = False
+    if "anyOf" in node:
+        options = [o for o in node.pop("anyOf") if o.get("type") != "null"]
+        if len(options) != 1:
+            raise TypeError(f"a CRD field must have one type, got {options}")
+        nullable = True
+        node = {**_structural(options[0], defs), **{k: v for k, v in node.items() if k != "title"}}
+    if "const" in node:
+        node["enum"] = [node.pop("const")]
+    out: dict[str, Any] = {}
+    for key, value in node.items():
+        if key == "exclusiveMinimum":  # JSON Schema 2020 number -> OpenAPI 3.0 boolean form
+            out["minimum"], out["exclusiveMinimum"] = value, True
+        elif key == "exclusiveMaximum":
+            out["maximum"], out["exclusiveMaximum"] = value, True
+        elif key == "properties":
+            out["properties"] = {k: _structural(v, defs) for k, v in value.items()}
+        elif key == "items":
+            out["items"] = _structural(value, defs)
+        elif key == "additionalProperties":
+            if isinstance(value, dict):  # a map; `false` (extra=forbid) is implied by pruning
+                out["additionalProperties"] = _structural(value, defs)
+        elif key in _KEEP:
+            out[key] = value
+    if "properties" in out or "additionalProperties" in out:
+        out["type"] = "object"
+    if nullable:
+        out["nullable"] = True
+        if out.get("default") is None:
+            out.pop("default", None)
+    if "type" not in out:
+        raise TypeError(f"a CRD field needs a type: {node}")
+    return out
+
+
+def spec_openapi_schema() -> dict[str, Any]:
+    """The B3Job `spec` as a structural OpenAPI v3 schema (for the CRD's openAPIV3Schema)."""
+    raw = B3JobSpec.model_json_schema(by_alias=True, mode="validation")
+    return _structural(raw, raw.get("$defs", {}))

@@ -1,0 +1,318 @@
+"""The mining stages as plain functions of a validated job: rank, partition, inspect.
+
+Each stage reads its inputs, checks them before spending compute (DataError -> exit 2),
+skips itself when `<work>/<stage>/manifest.json` already records the same fingerprint, and
+writes its artifacts atomically, manifest last. The CLI and the stage programs in `jobs/`
+call these functions and nothing else.
+
+Artifacts (DESIGN.md):
+    rank/embeddings.arrow   row, id, query, positive (fixed-size float16 vectors)
+    rank/topk.parquet       row, id, task, group, positive_group, skip, window,
+                            neighbors (p+m global rows, best first), scores
+    partition/clusters.parquet  row, id, task, group, positive_group, cluster
+    partition/stats.json    edge cut, community sizes, share of S-edges inside communities
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+import pyarrow as pa
+
+from b3 import graph as graphs
+from b3.batches import B3BatchSampler, RandomBatchSampler
+from b3.data import DataError, Pairs, load_pairs
+from b3.hardness import batch_hardness
+from b3.progress import progress
+from b3.ranking import assign_mining_groups, clamp_window, rank_groups
+from b3.spec import B3Job
+from b3.storage import WorkDir, fingerprint
+from b3.teacher import embed_texts
+
+log = logging.getLogger(__name__)
+
+RANK_VERSION = 1
+PARTITION_VERSION = 1
+
+
+# --- rank --------------------------------------------------------------------------------
+
+
+def _prompted(pairs: Pairs, job: B3Job) -> tuple[np.ndarray, np.ndarray]:
+    prompts = job.spec.dataset.prompts
+    if not job.spec.teacher.use_prompts:
+        return pairs.queries, pairs.positives
+    q_prefix, p_prefix = zip(*(prompts.for_task(t) for t in pairs.tasks), strict=True)
+    return (
+        np.asarray([a + b for a, b in zip(q_prefix, pairs.queries, strict=True)], dtype=object),
+        np.asarray([a + b for a, b in zip(p_prefix, pairs.positives, strict=True)], dtype=object),
+    )
+
+
+def _embeddings_table(pairs: Pairs, q: np.ndarray, p: np.ndarray) -> pa.Table:
+    d = q.shape[1]
+    vec = pa.list_(pa.float16(), d)
+    return pa.table(
+        {
+            "row": pa.array(np.arange(len(pairs)), pa.int64()),
+            "id": pa.array(pairs.ids.tolist(), pa.string()),
+            "query": pa.FixedSizeListArray.from_arrays(
+                pa.array(q.astype(np.float16).ravel()), d
+            ).cast(vec),
+            "positive": pa.FixedSizeListArray.from_arrays(
+                pa.array(p.astype(np.float16).ravel()), d
+            ).cast(vec),
+        }
+    )
+
+
+def read_embeddings(work: WorkDir) -> tuple[np.ndarray, np.ndarray]:
+    """(query, positive) float32 embeddings per row from rank/embeddings.arrow."""
+    table = work.read_arrow("rank", "embeddings.arrow")
+
+    def column(name: str) -> np.ndarray:
+        col = table.column(name).combine_chunks()
+        d = col.type.list_size
+        return col.flatten().to_numpy().reshape(-1, d).astype(np.float32)
+
+    return column("query"), column("positive")
+
+
+def rank_stage(job: B3Job) -> dict:
+    """Embed every training row with the teacher and keep its top p+m positives."""
+    spec, started = job.spec, time.time()
+    work = WorkDir(spec.work_dir)
+    pairs = load_pairs(spec.dataset, min_rows=spec.mining.batch_size)
+    mining = spec.mining
+    if len(pairs) - 1 <= mining.window:
+        raise DataError(
+            f"mining.p + mining.m ({mining.window}) must be smaller than the number of "
+            f"candidates ({len(pairs) - 1} other training rows); lower mining.p or mining.m"
+        )
+    groups = assign_mining_groups(
+        pairs.tasks, mining.per_task, mining.pool_below, mining.batch_size
+    )
+    teacher = spec.teacher.model_dump()
+    embed_fp = fingerprint(
+        RANK_VERSION,
+        pairs.source_fingerprint,
+        teacher,
+        spec.dataset.prompts.model_dump() if spec.teacher.use_prompts else None,
+    )
+    stage_fp = fingerprint(embed_fp, mining.p, mining.m, mining.per_task, mining.pool_below)
+    done = work.finished_stage("rank", stage_fp)
+    if done:
+        return {**done, "skipped": True}
+
+    # Embeddings are kept on their own, so a failure while ranking does not cost them.
+    if (
+        work.exists("rank", "embeddings.json")
+        and work.read_json("rank", "embeddings.json").get("fingerprint") == embed_fp
+    ):
+        log.info("rank: reusing embeddings from %s", work.path("rank", "embeddings.arrow"))
+        q_emb, p_emb = read_embeddings(work)
+    else:
+        queries, positives = _prompted(pairs, job)
+        rs = spec.rank
+        q_emb = embed_texts(spec.teacher, queries, "embed queries", rs.workers, rs.gpus_per_worker)
+        p_emb = embed_texts(
+            spec.teacher, positives, "embed positives", rs.workers, rs.gpus_per_worker
+        )
+        work.write_arrow(_embeddings_table(pairs, q_emb, p_emb), "rank", "embeddings.arrow")
+        work.write_json({"fingerprint": embed_fp}, "rank", "embeddings.json")
+        # rank on exactly what was stored, so the artifacts reproduce the ranking
+        q_emb, p_emb = (
+            q_emb.astype(np.float16).astype(np.float32),
+            p_emb.astype(np.float16).astype(np.float32),
+        )
+
+    skip = np.zeros(len(pairs), dtype=np.int32)
+    window = np.zeros(len(pairs), dtype=np.int32)
+    clamped = []
+    for g, name in enumerate(groups.names):
+        rows = groups.rows(g)
+        p_g, m_g = clamp_window(len(rows) - 1, mining.p, mining.m)
+        skip[rows], window[rows] = p_g, m_g
+        if (p_g, m_g) != (mining.p, mining.m):
+            clamped.append(f"{name}: {len(rows)} rows, window p={p_g} m={m_g}")
+    neighbors, scores = rank_groups(
+        q_emb, p_emb, groups, pairs.positive_group, mining.window,
+        budget_bytes=spec.rank.memory_budget_mib << 20,
+        device="cuda" if spec.rank.gpus_per_worker > 0 else "cpu",
+        workers=spec.rank.workers, gpus_per_worker=spec.rank.gpus_per_worker,
+    )  # fmt: skip
+    valid = neighbors >= 0
+    offsets = np.concatenate([[0], np.cumsum(valid.sum(1))]).astype(np.int32)
+    topk = pa.table(
+        {
+            "row": pa.array(np.arange(len(pairs)), pa.int64()),
+            "id": pa.array(pairs.ids.tolist(), pa.string()),
+            "task": pa.array(pairs.tasks.tolist(), pa.string()),
+            "group": pa.array(
+                np.asarray(groups.names, dtype=object)[groups.of_row].tolist(), pa.string()
+            ),
+            "positive_group": pa.array(pairs.positive_group, pa.int64()),
+            "skip": pa.array(skip, pa.int32()),
+            "window": pa.array(window, pa.int32()),
+            "neighbors": pa.ListArray.from_arrays(pa.array(offsets), pa.array(neighbors[valid])),
+            "scores": pa.ListArray.from_arrays(pa.array(offsets), pa.array(scores[valid])),
+        }
+    )
+    work.write_parquet(topk, "rank", "topk.parquet")
+    summary = {
+        "rows": len(pairs),
+        "held_out_rows": pairs.held_out,
+        "groups": len(groups.names),
+        "dim": int(q_emb.shape[1]),
+        "notes": groups.notes + [f"window clamped in {len(clamped)} small groups"] * bool(clamped),
+        "clamped": clamped,
+    }
+    params = {"teacher": teacher, "p": mining.p, "m": mining.m, "per_task": mining.per_task}
+    return work.finish_stage(
+        "rank", stage_fp, ["embeddings.arrow", "topk.parquet"], params, summary, started
+    )
+
+
+# --- partition ---------------------------------------------------------------------------
+
+
+def _require_stage(work: WorkDir, stage: str, outputs: list[str]) -> dict:
+    missing = [name for name in ["manifest.json", *outputs] if not work.exists(stage, name)]
+    if missing:
+        raise DataError(
+            f"{stage} stage output missing in {work.path(stage)}: {', '.join(missing)}; "
+            f"run `b3 {stage}` first"
+        )
+    return work.read_json(stage, "manifest.json")
+
+
+def read_topk(work: WorkDir) -> tuple[pa.Table, np.ndarray]:
+    """topk.parquet and its neighbours as an (N, max window) array padded with -1."""
+    table = work.read_parquet("rank", "topk.parquet")
+    lists = table.column("neighbors").combine_chunks()
+    lengths = np.diff(lists.offsets.to_numpy())
+    width = int(lengths.max()) if len(lengths) else 0
+    dense = np.full((len(lengths), width), -1, dtype=np.int64)
+    dense[np.arange(width)[None, :] < lengths[:, None]] = lists.flatten().to_numpy()
+    return table, dense
+
+
+def partition_stage(job: B3Job) -> dict:
+    """Cut each group's S-graph into communities of clusterSize rows with METIS."""
+    spec, started = job.spec, time.time()
+    work = WorkDir(spec.work_dir)
+    rank = _require_stage(work, "rank", ["topk.parquet"])
+    mining = spec.mining
+    stage_fp = fingerprint(
+        PARTITION_VERSION, rank["fingerprint"], mining.cluster_size, mining.seed, mining.edges
+    )
+    done = work.finished_stage("partition", stage_fp)
+    if done:
+        return {**done, "skipped": True}
+
+    table, neighbors = read_topk(work)
+    n = table.num_rows
+    group_names, of_row = np.unique(
+        table.column("group").to_numpy(zero_copy_only=False), return_inverse=True
+    )
+    skip = table.column("skip").to_numpy()
+    window = table.column("window").to_numpy()
+    clusters = np.empty(n, dtype=np.int64)
+    local = np.full(n, -1, dtype=np.int64)
+    s_inside = s_total = cut = metis_cut = edges = 0
+    next_id = 0
+    with progress(n, "partition", unit="row") as bar:
+        for g in range(len(group_names)):
+            rows = np.flatnonzero(of_row == g)
+            local[rows] = np.arange(len(rows))
+            p_g, m_g = int(skip[rows[0]]), int(window[rows[0]])
+            s = neighbors[rows, p_g : p_g + m_g]  # S = R[:, p:p+m], global rows
+            s_local = np.where(s >= 0, local[np.maximum(s, 0)], -1)
+            graph = graphs.build_graph(s_local, mutual=mining.edges == "mutual")
+            comm, g_metis_cut = graphs.partition_graph(graph, mining.cluster_size, mining.seed)
+            clusters[rows] = comm + next_id
+            next_id += int(comm.max()) + 1
+            valid = s_local >= 0
+            s_inside += int(
+                (comm[np.repeat(np.arange(len(rows)), valid.sum(1))] == comm[s_local[valid]]).sum()
+            )
+            s_total += int(valid.sum())
+            cut += graphs.edge_cut(graph, comm)
+            metis_cut += g_metis_cut
+            edges += graph.edges
+            local[rows] = -1
+            bar.update(len(rows))
+
+    sizes = np.bincount(clusters)
+    stats = {
+        "rows": n,
+        "groups": len(group_names),
+        "communities": len(sizes),
+        "cluster_size": mining.cluster_size,
+        "community_size": {
+            "min": int(sizes.min()),
+            "mean": float(sizes.mean()),
+            "max": int(sizes.max()),
+        },
+        "communities_of_size_k": int((sizes == mining.cluster_size).sum()),
+        "graph_edges": edges,
+        "edges": mining.edges,
+        "edge_cut": cut,
+        "metis_edge_cut": metis_cut,
+        "edge_cut_share": cut / edges if edges else 0.0,
+        "s_edges_inside_share": s_inside / s_total if s_total else 0.0,
+    }
+    out = pa.table(
+        {
+            "row": table.column("row"),
+            "id": table.column("id"),
+            "task": table.column("task"),
+            "group": table.column("group"),
+            "positive_group": table.column("positive_group"),
+            "cluster": pa.array(clusters, pa.int64()),
+        }
+    )
+    work.write_parquet(out, "partition", "clusters.parquet")
+    work.write_json(stats, "partition", "stats.json")
+    params = {"cluster_size": mining.cluster_size, "seed": mining.seed, "edges": mining.edges}
+    return work.finish_stage(
+        "partition", stage_fp, ["clusters.parquet", "stats.json"], params, stats, started
+    )
+
+
+# --- inspect -----------------------------------------------------------------------------
+
+
+def inspect_stage(job: B3Job, top_k: int | None = None, epoch: int = 0) -> dict:
+    """Hardness of mined batches against random batches of the same size (one epoch)."""
+    spec = job.spec
+    work = WorkDir(spec.work_dir)
+    _require_stage(work, "rank", ["embeddings.arrow"])
+    _require_stage(work, "partition", ["clusters.parquet"])
+    q_emb, p_emb = read_embeddings(work)
+    clusters = work.read_parquet("partition", "clusters.parquet")
+    groups = clusters.column("group").to_numpy(zero_copy_only=False)
+    pos_group = clusters.column("positive_group").to_numpy()
+    mining = spec.mining
+    k = top_k or mining.cluster_size
+    samplers = {
+        "b3": B3BatchSampler(clusters.column("cluster").to_numpy(), mining.batch_size, groups,
+                             mix_tasks=mining.mix_tasks, seed=mining.seed),
+        "random_same_task": RandomBatchSampler(len(groups), mining.batch_size, groups, seed=mining.seed),
+        "random": RandomBatchSampler(len(groups), mining.batch_size, mix_tasks=True, seed=mining.seed),
+    }  # fmt: skip
+    result = {"batch_size": mining.batch_size, "top_k": k, "epoch": epoch, "batches": {}}
+    for name, sampler in samplers.items():
+        batches = sampler.batches(epoch)
+        result["batches"][name] = {
+            "count": len(batches),
+            **batch_hardness(batches, q_emb, p_emb, pos_group, k),
+        }
+    b3, rnd = result["batches"]["b3"]["topk_negative"], result["batches"]["random"]["topk_negative"]
+    result["hardness_ratio_vs_random"] = b3 / rnd if rnd else float("inf")
+    result["hardness_ratio_vs_random_same_task"] = (
+        b3 / result["batches"]["random_same_task"]["topk_negative"]
+    )
+    return result

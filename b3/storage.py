@@ -1,0 +1,163 @@
+"""The work directory: atomic artifact writes and stage manifests, on any pyarrow filesystem.
+
+Every stage writes its artifacts under `<work>/<stage>/` and, last, `<work>/<stage>/manifest.json`
+holding a fingerprint of its inputs and parameters. A stage whose manifest carries the same
+fingerprint, with every listed output present, is finished and is skipped; a pod killed half
+way leaves no manifest (or an old one) and the stage runs again.
+
+On a local or mounted filesystem a write goes to a temporary name in the same folder, is
+fsynced, and is renamed into place, so a reader never sees half a file. Object stores
+(s3://, gs://) publish an object only when its upload completes, which gives the same
+guarantee without the rename.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.ipc as ipc
+import pyarrow.parquet as pq
+
+
+def fingerprint(*parts: Any) -> str:
+    """A stable sha256 of JSON-serialisable parts (dict key order does not matter)."""
+    blob = json.dumps(parts, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def resolve_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path inside it) for a local path or a URI that pyarrow understands."""
+    if "://" not in uri:
+        return pafs.LocalFileSystem(), os.path.abspath(uri)
+    return pafs.FileSystem.from_uri(uri)
+
+
+class WorkDir:
+    """A folder of artifacts on a local disk, a volume or an object store."""
+
+    def __init__(self, uri: str):
+        self.uri = uri
+        self.fs, self.root = resolve_filesystem(uri)
+        self.local = isinstance(self.fs, pafs.LocalFileSystem)
+
+    def path(self, *parts: str) -> str:
+        return "/".join([self.root.rstrip("/"), *parts])
+
+    def local_path(self, *parts: str) -> str:
+        """A real path on this machine (for libraries that need one, e.g. save_pretrained)."""
+        if not self.local:
+            raise ValueError(f"{self.uri} is not on a local filesystem")
+        return self.path(*parts)
+
+    def exists(self, *parts: str) -> bool:
+        return self.fs.get_file_info(self.path(*parts)).type != pafs.FileType.NotFound
+
+    def makedirs(self, *parts: str) -> None:
+        self.fs.create_dir(self.path(*parts), recursive=True)
+
+    @contextmanager
+    def open_output(self, *parts: str) -> Iterator[Any]:
+        """A binary stream that appears under its final name only once fully written."""
+        final = self.path(*parts)
+        self.fs.create_dir(final.rsplit("/", 1)[0], recursive=True)
+        if not self.local:
+            with self.fs.open_output_stream(final) as out:
+                yield out
+            return
+        tmp = f"{final}.tmp-{uuid.uuid4().hex[:8]}"
+        try:
+            with open(tmp, "wb") as out:
+                yield out
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(tmp, final)
+            dir_fd = os.open(os.path.dirname(final), os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+    def write_bytes(self, data: bytes, *parts: str) -> None:
+        with self.open_output(*parts) as out:
+            out.write(data)
+
+    def read_bytes(self, *parts: str) -> bytes:
+        with self.fs.open_input_stream(self.path(*parts)) as f:
+            return f.read()
+
+    def write_json(self, obj: Any, *parts: str) -> None:
+        self.write_bytes((json.dumps(obj, indent=2, sort_keys=True) + "\n").encode(), *parts)
+
+    def read_json(self, *parts: str) -> Any:
+        return json.loads(self.read_bytes(*parts))
+
+    def write_parquet(self, table: pa.Table, *parts: str) -> None:
+        buf = io.BytesIO()
+        pq.write_table(table, buf, compression="zstd")
+        self.write_bytes(buf.getvalue(), *parts)
+
+    def read_parquet(self, *parts: str) -> pa.Table:
+        return pq.read_table(self.path(*parts), filesystem=self.fs)
+
+    def write_arrow(self, table: pa.Table, *parts: str) -> None:
+        """Arrow IPC file: memory-mappable, no decode cost (used for embeddings)."""
+        with self.open_output(*parts) as out, ipc.new_file(out, table.schema) as writer:
+            writer.write_table(table)
+
+    def read_arrow(self, *parts: str) -> pa.Table:
+        if self.local:
+            with pa.memory_map(self.path(*parts)) as source:
+                return ipc.open_file(source).read_all()
+        with self.fs.open_input_file(self.path(*parts)) as source:
+            return ipc.open_file(source).read_all()
+
+    # --- stage manifests -----------------------------------------------------------------
+
+    def finished_stage(self, stage: str, stage_fingerprint: str) -> dict | None:
+        """The stage's manifest if it finished with this fingerprint and its outputs exist."""
+        if not self.exists(stage, "manifest.json"):
+            return None
+        try:
+            record = self.read_json(stage, "manifest.json")
+        except (OSError, ValueError):
+            return None
+        if record.get("fingerprint") != stage_fingerprint:
+            return None
+        if not all(self.exists(stage, name) for name in record.get("outputs", [])):
+            return None
+        return record
+
+    def finish_stage(
+        self,
+        stage: str,
+        stage_fingerprint: str,
+        outputs: list[str],
+        params: dict,
+        summary: dict,
+        started: float,
+    ) -> dict:
+        """Write the manifest that marks a stage done; call it after every output is written."""
+        record = {
+            "stage": stage,
+            "fingerprint": stage_fingerprint,
+            "outputs": outputs,
+            "params": params,
+            "summary": summary,
+            "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+            "seconds": round(time.time() - started, 3),
+        }
+        self.write_json(record, stage, "manifest.json")
+        return record

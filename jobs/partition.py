@@ -1,0 +1,8 @@
+"""Partition stage program: METIS communities of the rank graph."""
+
+import sys
+
+from b3.cli import stage_main
+
+if __name__ == "__main__":
+    sys.exit(stage_main("partition"))

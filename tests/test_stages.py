@@ -1,0 +1,173 @@
+"""The mining stages end to end through the CLI on a tiny model: artifacts, skip on rerun,
+nothing recomputed after a failure, and exit code 2 for every kind of bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from conftest import make_pairs, write_manifest
+
+import b3.stages
+from b3.cli import main
+from b3.spec import load_manifest
+from b3.storage import WorkDir
+
+
+def run(*argv) -> int:
+    return main([str(a) for a in argv])
+
+
+def test_rank_partition_inspect(tmp_path, tiny_spec, capsys):
+    manifest = write_manifest(tmp_path, tiny_spec)
+    assert run("rank", manifest) == 0
+    assert run("partition", manifest) == 0
+    capsys.readouterr()
+    assert run("inspect", manifest, "--json") == 0
+    result = json.loads(capsys.readouterr().out)
+
+    work = WorkDir(str(tmp_path / "work"))
+    emb = work.read_arrow("rank", "embeddings.arrow")
+    assert emb.num_rows == 240 and emb.schema.field("query").type == pa.list_(pa.float16(), 32)
+    topk = work.read_parquet("rank", "topk.parquet").to_pydict()
+    tasks = np.asarray(topk["task"])
+    pos_group = np.asarray(topk["positive_group"])
+    for row, neighbors in enumerate(topk["neighbors"]):
+        assert len(neighbors) == 10 and row not in neighbors
+        assert (tasks[neighbors] == tasks[row]).all()  # ranked within its task
+        assert (pos_group[neighbors] != pos_group[row]).all()  # never its own positive's duplicates
+        assert all(np.diff(topk["scores"][row]) <= 1e-6)
+    clusters = work.read_parquet("partition", "clusters.parquet").to_pydict()
+    sizes = np.bincount(clusters["cluster"])
+    assert (sizes == 4).all()  # 80 rows per task, K = 4
+    by_cluster = {}
+    for c, t in zip(clusters["cluster"], clusters["task"], strict=True):
+        by_cluster.setdefault(c, set()).add(t)
+    assert all(len(t) == 1 for t in by_cluster.values())
+    stats = work.read_json("partition", "stats.json")
+    assert stats["communities"] == 60 and 0 < stats["s_edges_inside_share"] <= 1
+    assert result["batches"]["b3"]["count"] == 15
+    assert result["batches"]["b3"]["topk_negative"] > result["batches"]["random"]["topk_negative"]
+
+    # a second run finds both stages done
+    assert run("rank", manifest) == 0 and run("partition", manifest) == 0
+    assert capsys.readouterr().out.count("up to date") == 2
+    # a new cluster size re-partitions without re-ranking
+    changed = write_manifest(
+        tmp_path, {**tiny_spec, "mining": {**tiny_spec["mining"], "clusterSize": 8}}
+    )
+    assert run("rank", changed) == 0 and run("partition", changed) == 0
+    out = capsys.readouterr().out
+    assert "rank: up to date" in out and "partition: done" in out
+
+
+def test_a_failed_ranking_keeps_the_embeddings(tmp_path, tiny_spec, monkeypatch):
+    manifest = write_manifest(tmp_path, tiny_spec)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("node lost")
+
+    monkeypatch.setattr(b3.stages, "rank_groups", broken)
+    with pytest.raises(RuntimeError, match="node lost"):
+        run("rank", manifest)
+    work = WorkDir(str(tmp_path / "work"))
+    assert work.exists("rank", "embeddings.arrow") and not work.exists("rank", "manifest.json")
+    monkeypatch.undo()
+
+    def no_embedding(*args, **kwargs):
+        raise AssertionError("embeddings were computed again")
+
+    monkeypatch.setattr(b3.stages, "embed_texts", no_embedding)
+    assert run("rank", manifest) == 0
+
+
+def test_tiny_tasks_are_pooled_and_small_windows_clamped(tmp_path, tiny_spec, capsys):
+    table = make_pairs(120, tasks=2)
+    tasks = table.column("task").to_pylist()
+    tasks[:6] = ["rare"] * 6  # a task far smaller than one batch
+    pq.write_table(table.set_column(3, "task", pa.array(tasks)), tmp_path / "p.parquet")
+    spec = {**tiny_spec, "dataset": {**tiny_spec["dataset"], "uri": str(tmp_path / "p.parquet")},
+            "mining": {**tiny_spec["mining"], "p": 10, "m": 60}}  # fmt: skip
+    manifest = write_manifest(tmp_path, spec)
+    assert run("rank", manifest) == 0 and run("partition", manifest) == 0
+    out = capsys.readouterr().out
+    assert "joined the smallest task" in out and "window p=" in out
+
+
+BAD_INPUTS = [
+    ("missing column", lambda t: t.drop_columns(["positive"]), {}, "missing column(s) 'positive'"),
+    (
+        "empty text",
+        lambda t: t.set_column(1, "query", pa.array([""] + t.column("query").to_pylist()[1:])),
+        {},
+        "null or empty 'query'",
+    ),
+    ("too few rows", lambda t: t.slice(0, 12), {}, "12 train rows, fewer than one batch"),
+    (
+        "window too large",
+        lambda t: t.slice(0, 40),
+        {"mining": {"p": 30, "m": 100, "clusterSize": 4, "batchSize": 16}},
+        "mining.p + mining.m (130) must be smaller than the number of candidates (39",
+    ),
+    (
+        "bad manifest",
+        lambda t: t,
+        {"mining": {"clusterSize": 5, "batchSize": 16}},
+        "clusterSize (5) must divide batchSize (16)",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("name", "mutate", "patch", "needle"), BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS]
+)
+def test_bad_input_exits_2_naming_the_problem(
+    tmp_path, tiny_spec, capsys, monkeypatch, name, mutate, patch, needle
+):
+    pq.write_table(mutate(make_pairs(60)), tmp_path / "p.parquet")
+    log = tmp_path / "termination-log"
+    monkeypatch.setenv("B3_TERMINATION_LOG", str(log))
+    spec = {
+        **tiny_spec,
+        "dataset": {**tiny_spec["dataset"], "uri": str(tmp_path / "p.parquet")},
+        **patch,
+    }
+    assert run("rank", write_manifest(tmp_path, spec)) == 2
+    assert needle in capsys.readouterr().err
+    assert needle in log.read_text()
+
+
+def test_unreadable_dataset_and_missing_stage_exit_2(tmp_path, tiny_spec, capsys):
+    (tmp_path / "p.parquet").write_bytes(b"\x00garbage")
+    spec = {**tiny_spec, "dataset": {**tiny_spec["dataset"], "uri": str(tmp_path / "p.parquet")}}
+    manifest = write_manifest(tmp_path, spec)
+    assert run("rank", manifest) == 2
+    assert "unreadable as parquet" in capsys.readouterr().err
+    assert run("partition", manifest) == 2
+    assert "rank stage output missing" in capsys.readouterr().err
+    assert run("inspect", manifest) == 2
+
+
+def test_stage_program_in_a_subprocess_writes_the_termination_log(tmp_path, tiny_spec):
+    pq.write_table(make_pairs(60).drop_columns(["task"]), tmp_path / "p.parquet")
+    spec = {**tiny_spec, "dataset": {**tiny_spec["dataset"], "uri": str(tmp_path / "p.parquet")}}
+    log = tmp_path / "termination-log"
+    proc = subprocess.run(
+        [sys.executable, "-m", "b3_jobs.rank", str(write_manifest(tmp_path, spec))],
+        capture_output=True, text=True, env={**os.environ, "B3_TERMINATION_LOG": str(log)}, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert "missing column(s) 'task' (task)" in log.read_text()
+
+
+def test_validate_prints_the_resolved_spec(tmp_path, tiny_spec, capsys):
+    assert run("validate", write_manifest(tmp_path, tiny_spec)) == 0
+    resolved = json.loads(capsys.readouterr().out)
+    assert resolved["spec"]["workDir"] == str(tmp_path / "work")
+    assert load_manifest(tmp_path / "test-job.yaml").spec.mining.cluster_size == 4
