@@ -92,7 +92,9 @@ def run_stage(name: str, manifest: str) -> int:
 
 def stage_main(name: str, argv: list[str] | None = None) -> int:
     """Entry point of a stage program in a pod: the manifest from argv or $B3_MANIFEST."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     argv = sys.argv[1:] if argv is None else argv
     return run_stage(name, argv[0] if argv else os.environ.get("B3_MANIFEST", "/etc/b3/job.yaml"))
 

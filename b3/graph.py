@@ -51,7 +51,11 @@ def build_graph(window: np.ndarray, mutual: bool = True) -> Graph:
     valid = (window >= 0) & (window != np.arange(n)[:, None])
     indptr = np.concatenate([[0], np.cumsum(valid.sum(1))]).astype(np.int64)
     a = sp.csr_matrix(
-        (np.ones(int(indptr[-1]), dtype=np.int8), window[valid].astype(np.int64), indptr),
+        (
+            np.ones(int(indptr[-1]), dtype=np.int8),
+            window[valid].astype(np.int64, copy=False),
+            indptr,
+        ),
         shape=(n, n),
     )
     a.sum_duplicates()  # a neighbour listed twice counts once

@@ -20,6 +20,7 @@ import time
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from b3 import graph as graphs
 from b3.batches import B3BatchSampler, RandomBatchSampler
@@ -188,14 +189,20 @@ def _require_stage(work: WorkDir, stage: str, outputs: list[str]) -> dict:
     return work.read_json(stage, "manifest.json")
 
 
-def read_topk(work: WorkDir) -> tuple[pa.Table, np.ndarray]:
-    """topk.parquet and its neighbours as an (N, max window) array padded with -1."""
-    table = work.read_parquet("rank", "topk.parquet")
+def read_topk(work: WorkDir, columns: list[str] | None = None) -> tuple[pa.Table, np.ndarray]:
+    """topk.parquet (the given columns, plus neighbours) and the neighbours as an
+    (N, max window) array padded with -1."""
+    if columns is not None and "neighbors" not in columns:
+        columns = [*columns, "neighbors"]
+    table = pq.read_table(work.path("rank", "topk.parquet"), filesystem=work.fs, columns=columns)
     lists = table.column("neighbors").combine_chunks()
+    flat = lists.flatten().to_numpy()
     lengths = np.diff(lists.offsets.to_numpy())
     width = int(lengths.max()) if len(lengths) else 0
+    if (lengths == width).all():  # the usual case: every row kept its full window
+        return table, flat.reshape(len(lengths), width)
     dense = np.full((len(lengths), width), -1, dtype=np.int64)
-    dense[np.arange(width)[None, :] < lengths[:, None]] = lists.flatten().to_numpy()
+    dense[np.arange(width)[None, :] < lengths[:, None]] = flat
     return table, dense
 
 
@@ -212,7 +219,8 @@ def partition_stage(job: B3Job) -> dict:
     if done:
         return {**done, "skipped": True}
 
-    table, neighbors = read_topk(work)
+    meta = ["row", "id", "task", "group", "positive_group", "skip", "window"]
+    table, neighbors = read_topk(work, meta)
     n = table.num_rows
     group_names, of_row = np.unique(
         table.column("group").to_numpy(zero_copy_only=False), return_inverse=True
@@ -220,29 +228,26 @@ def partition_stage(job: B3Job) -> dict:
     skip = table.column("skip").to_numpy()
     window = table.column("window").to_numpy()
     clusters = np.empty(n, dtype=np.int64)
-    local = np.full(n, -1, dtype=np.int64)
-    s_inside = s_total = cut = metis_cut = edges = 0
-    next_id = 0
+    s_inside = s_total = cut = metis_cut = edges = next_id = 0
     with progress(n, "partition", unit="row") as bar:
         for g in range(len(group_names)):
             rows = np.flatnonzero(of_row == g)
-            local[rows] = np.arange(len(rows))
             p_g, m_g = int(skip[rows[0]]), int(window[rows[0]])
             s = neighbors[rows, p_g : p_g + m_g]  # S = R[:, p:p+m], global rows
-            s_local = np.where(s >= 0, local[np.maximum(s, 0)], -1)
-            graph = graphs.build_graph(s_local, mutual=mining.edges == "mutual")
+            if len(rows) < n:  # to the group's own numbering (ranking never leaves the group)
+                local = np.full(n, -1, dtype=np.int64)
+                local[rows] = np.arange(len(rows))
+                s = np.where(s >= 0, local[np.maximum(s, 0)], -1)
+            graph = graphs.build_graph(s, mutual=mining.edges == "mutual")
             comm, g_metis_cut = graphs.partition_graph(graph, mining.cluster_size, mining.seed)
             clusters[rows] = comm + next_id
             next_id += int(comm.max()) + 1
-            valid = s_local >= 0
-            s_inside += int(
-                (comm[np.repeat(np.arange(len(rows)), valid.sum(1))] == comm[s_local[valid]]).sum()
-            )
+            valid = s >= 0
+            s_inside += int(((comm[:, None] == comm[np.maximum(s, 0)]) & valid).sum())
             s_total += int(valid.sum())
             cut += graphs.edge_cut(graph, comm)
             metis_cut += g_metis_cut
             edges += graph.edges
-            local[rows] = -1
             bar.update(len(rows))
 
     sizes = np.bincount(clusters)
