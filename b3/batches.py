@@ -99,19 +99,12 @@ class _GroupedBatchSampler(Sampler[list[int]]):
         return [out[i] for i in rng.permutation(len(out))]
 
     def __iter__(self) -> Iterator[list[int]]:
-        per_rank = self.batch_size // self.world_size
         batches = self.batches()
         for i in range(self.start_batch, len(batches)):
             self.start_batch = i + 1
             batch = batches[i]
-            if self.world_size > 1:
-                # a short last batch (drop_last=False) is shared out as evenly as possible
-                batch = (
-                    np.array_split(batch, self.world_size)[self.rank]
-                    if len(batch) < self.batch_size
-                    else batch[self.rank * per_rank : (self.rank + 1) * per_rank]
-                )
-            yield batch.tolist()
+            # contiguous slices; a short last batch (drop_last=False) is shared out evenly
+            yield np.array_split(batch, self.world_size)[self.rank].tolist()
 
     def __len__(self) -> int:
         sizes = np.bincount(self.groups)

@@ -13,13 +13,13 @@ with fewer candidates than p + m gets a proportionally smaller window (`clamp_wi
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from b3.progress import progress
+from b3.raycluster import ensure_ray, use_ray
 
 POOLED = "__pooled__"
 ALL = "__all__"
@@ -215,7 +215,7 @@ def rank_groups(
     scores = np.full((n, k), -np.inf, dtype=np.float32)
     units = plan_units(groups, workers)
     with progress(n, "rank", unit="query") as bar:
-        if workers == 1 and "RAY_ADDRESS" not in os.environ:
+        if not use_ray(workers):
             results = (
                 _rank_unit(u, q_emb, p_emb, positive_group, k, budget_bytes, device) for u in units
             )
@@ -232,8 +232,6 @@ def rank_groups(
 def _ray_rank(units, q_emb, p_emb, positive_group, k, budget, gpus_per_worker, workers):
     """Yield unit results as Ray tasks finish, in completion order."""
     import ray
-
-    from b3.raycluster import ensure_ray
 
     ensure_ray(workers)
     device = "cuda" if gpus_per_worker > 0 else "cpu"

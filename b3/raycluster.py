@@ -5,6 +5,11 @@ from __future__ import annotations
 import os
 
 
+def use_ray(workers: int) -> bool:
+    """Work is spread over Ray when several workers are asked for or a cluster is given."""
+    return workers > 1 or "RAY_ADDRESS" in os.environ
+
+
 def ensure_ray(workers: int) -> None:
     import ray
 

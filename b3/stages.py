@@ -28,9 +28,10 @@ from b3.data import DataError, Pairs, load_pairs
 from b3.hardness import batch_hardness
 from b3.progress import progress
 from b3.ranking import assign_mining_groups, clamp_window, rank_groups
+from b3.raycluster import use_ray
 from b3.spec import B3Job
 from b3.storage import WorkDir, fingerprint
-from b3.teacher import embed_texts
+from b3.teacher import embed_texts, pick_device
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +80,13 @@ def read_embeddings(work: WorkDir) -> tuple[np.ndarray, np.ndarray]:
         return col.flatten().to_numpy().reshape(-1, d).astype(np.float32)
 
     return column("query"), column("positive")
+
+
+def _rank_device(spec) -> str:
+    """In-process ranking runs where the teacher runs; Ray workers on GPUs when they claim one."""
+    if not use_ray(spec.rank.workers):
+        return pick_device(spec.teacher.device).type
+    return "cuda" if spec.rank.gpus_per_worker > 0 else "cpu"
 
 
 def rank_stage(job: B3Job) -> dict:
@@ -141,7 +149,7 @@ def rank_stage(job: B3Job) -> dict:
     neighbors, scores = rank_groups(
         q_emb, p_emb, groups, pairs.positive_group, mining.window,
         budget_bytes=spec.rank.memory_budget_mib << 20,
-        device="cuda" if spec.rank.gpus_per_worker > 0 else "cpu",
+        device=_rank_device(spec),
         workers=spec.rank.workers, gpus_per_worker=spec.rank.gpus_per_worker,
     )  # fmt: skip
     valid = neighbors >= 0

@@ -18,6 +18,7 @@ import torch
 from transformers import AutoModel, AutoTokenizer
 
 from b3.progress import progress
+from b3.raycluster import ensure_ray, use_ray
 
 log = logging.getLogger(__name__)
 
@@ -154,11 +155,9 @@ def embed_texts(
     encoded = pc.dictionary_encode(pa.array(list(texts), pa.large_string()))
     unique, inverse = encoded.dictionary.to_numpy(zero_copy_only=False), encoded.indices.to_numpy()
     args = (spec.model, spec.pooling, spec.max_length, spec.batch_size, spec.dtype, spec.device)
-    if workers == 1 and "RAY_ADDRESS" not in os.environ:
+    if not use_ray(workers):
         return TextEncoder(*args).encode(unique.tolist(), desc=desc)[inverse]
     import ray
-
-    from b3.raycluster import ensure_ray
 
     ensure_ray(workers)
     device = "cuda" if gpus_per_worker > 0 else args[-1]
