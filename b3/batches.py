@@ -217,7 +217,7 @@ class RandomBatchSampler(_GroupedBatchSampler):
 
 
 class HardNegativeSampler:
-    """B3++: `h` hard negatives per batch, shared by all its queries.
+    """B3++: `h` hard negatives per batch member, pooled and shared by all the batch's queries.
 
     For a batch B with kept-rank rows S_i = R[i, p:p+m]:
 
@@ -225,8 +225,8 @@ class HardNegativeSampler:
 
     restricted to candidates j that are not batch members, do not share a member's positive
     text, and are not in any member's top p (those are likely false negatives of some
-    member). Draws are without replacement; when fewer than h candidates have c_j > 0, the
-    rest are drawn uniformly from the other rows of the batch's group under the same
+    member). A batch of b rows gets h * b draws without replacement; when fewer candidates
+    have c_j > 0, the rest are drawn uniformly from the other rows of the batch's group under the same
     exclusions. The draw is a pure function of (batch, seed, epoch, batch index).
 
     Args:
@@ -234,7 +234,7 @@ class HardNegativeSampler:
         skip: (N,) or int, p per row (rows of small tasks may have a clamped window).
         window: (N,) or int, m per row.
         positive_group: (N,) id of each row's exact positive text.
-        num_negatives: h.
+        num_negatives: h, negatives per batch member.
         groups: (N,) group of each row (fallback candidates stay in the batch's group).
         seed: base seed.
     """
@@ -264,7 +264,7 @@ class HardNegativeSampler:
         self.seed = seed
 
     def sample(self, batch: Sequence[int], epoch: int = 0, batch_index: int = 0) -> np.ndarray:
-        """h row ids to append to the batch's positives as extra negatives."""
+        """h * len(batch) row ids whose positives join the batch as extra negatives."""
         batch = np.asarray(batch, dtype=np.int64)
         rng = np.random.default_rng([self.seed, epoch, batch_index])
         rows = self.neighbors[batch]  # (b, w)
@@ -273,18 +273,19 @@ class HardNegativeSampler:
         cand, count = np.unique(rows[self.in_s[batch]], return_counts=True)
         ok = ~np.isin(cand, banned) & ~np.isin(self.positive_group[cand], forbidden_groups)
         cand, count = cand[ok], count[ok]
-        take = min(self.h, len(cand))
+        want = self.h * len(batch)
+        take = min(want, len(cand))
         chosen = (
             rng.choice(cand, size=take, replace=False, p=count / count.sum())
             if take
             else np.empty(0, np.int64)
         )
-        if take < self.h:  # too few ranked candidates: top up uniformly from the group
+        if take < want:  # too few ranked candidates: top up uniformly from the group
             pool = np.flatnonzero(self.groups == self.groups[batch[0]])
             pool = pool[
                 ~np.isin(pool, np.union1d(banned, chosen))
                 & ~np.isin(self.positive_group[pool], forbidden_groups)
             ]
-            extra = rng.choice(pool, size=min(self.h - take, len(pool)), replace=False)
+            extra = rng.choice(pool, size=min(want - take, len(pool)), replace=False)
             chosen = np.concatenate([chosen, extra])
         return chosen.astype(np.int64)

@@ -171,3 +171,23 @@ def test_validate_prints_the_resolved_spec(tmp_path, tiny_spec, capsys):
     resolved = json.loads(capsys.readouterr().out)
     assert resolved["spec"]["workDir"] == str(tmp_path / "work")
     assert load_manifest(tmp_path / "test-job.yaml").spec.mining.cluster_size == 4
+
+
+@pytest.mark.slow
+def test_rank_stage_on_ray_workers_matches_in_process(tmp_path, tiny_spec, monkeypatch):
+    """workers: 2 embeds shards and ranks units as Ray tasks; the artifacts must match."""
+    ray = pytest.importorskip("ray")
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    local = write_manifest(tmp_path, {**tiny_spec, "workDir": "local"}, name="local")
+    distributed = write_manifest(tmp_path, {**tiny_spec, "workDir": "ray", "rank": {"workers": 2}}, name="ray")
+    assert run("rank", local) == 0
+    try:
+        assert run("rank", distributed) == 0
+    finally:
+        ray.shutdown()
+    a = WorkDir(str(tmp_path / "local")).read_parquet("rank", "topk.parquet")
+    b = WorkDir(str(tmp_path / "ray")).read_parquet("rank", "topk.parquet")
+    assert a.column("neighbors").to_pylist() == b.column("neighbors").to_pylist()
+    np.testing.assert_allclose(
+        np.concatenate(a.column("scores").to_pylist()), np.concatenate(b.column("scores").to_pylist()), atol=2e-3
+    )
