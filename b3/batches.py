@@ -98,13 +98,15 @@ class _GroupedBatchSampler(Sampler[list[int]]):
                 out.append(order[cut:])
         return [out[i] for i in rng.permutation(len(out))]
 
+    def local(self, batch: np.ndarray) -> np.ndarray:
+        """This process's contiguous slice of a global batch (a short one is shared evenly)."""
+        return np.array_split(batch, self.world_size)[self.rank]
+
     def __iter__(self) -> Iterator[list[int]]:
         batches = self.batches()
         for i in range(self.start_batch, len(batches)):
             self.start_batch = i + 1
-            batch = batches[i]
-            # contiguous slices; a short last batch (drop_last=False) is shared out evenly
-            yield np.array_split(batch, self.world_size)[self.rank].tolist()
+            yield self.local(batches[i]).tolist()
 
     def __len__(self) -> int:
         sizes = np.bincount(self.groups)

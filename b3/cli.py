@@ -4,10 +4,13 @@
     b3 rank      job.yaml     teacher embeddings + top p+m positives per query
     b3 partition job.yaml     METIS communities of clusterSize rows
     b3 inspect   job.yaml     batch hardness: mined vs random batches
+    b3 train     job.yaml     LoRA training on the mined batches (torchrun when several processes)
+    b3 embed     MODEL --input texts.txt --output emb.npy
     b3 schema                 the B3Job spec as a CRD OpenAPI v3 schema (JSON)
 
 Exit codes: 0 done (or already done), 2 bad input (manifest or data; the message names the
-problem and, inside a pod, also goes to the termination log), 1 anything else.
+problem and, inside a pod, also goes to the termination log), 1 anything else (a training
+failure's message goes to the termination log too).
 """
 
 from __future__ import annotations
@@ -71,22 +74,79 @@ def _print_inspect(result: dict) -> None:
 
 
 def _stage_runner(name: str) -> Callable:
-    from b3 import stages  # heavy imports (torch, transformers) only for commands that need them
+    # heavy imports (torch, transformers, peft) only for commands that need them
+    if name == "train":
+        from b3.train import train_stage
+
+        return train_stage
+    from b3 import stages
 
     return {"rank": stages.rank_stage, "partition": stages.partition_stage}[name]
 
 
 def run_stage(name: str, manifest: str) -> int:
     """Run one stage from a manifest with the exit-code contract above."""
+    from b3.train import TrainingError
+
     try:
         job = load_manifest(manifest)
         record = _stage_runner(name)(job)
-    except (SpecError, DataError) as err:
+    except (SpecError, DataError, TrainingError) as err:
         message = f"{name}: {err}"
         print(message, file=sys.stderr)
         write_termination_message(message)
+        return 1 if isinstance(err, TrainingError) else EXIT_BAD_INPUT
+    if record:  # processes other than rank 0 of a training gang report nothing
+        _print_record(name, record)
+    return 0
+
+
+def train_command(manifest: str) -> int:
+    """One process trains here; several on this node go through torchrun's launcher."""
+    try:
+        job = load_manifest(manifest)
+    except SpecError as err:
+        print(f"train: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    _print_record(name, record)
+    t = job.spec.training
+    if t.nodes > 1:
+        print("train: training.nodes > 1 runs on Kubernetes (one torchrun per node); locally use "
+              "nodes: 1 and processesPerNode", file=sys.stderr)  # fmt: skip
+        return EXIT_BAD_INPUT
+    if t.processes_per_node == 1:
+        return run_stage("train", manifest)
+    import subprocess
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc-per-node={t.processes_per_node}", "-m", "b3_jobs.train", manifest]  # fmt: skip
+    return subprocess.run(cmd, check=False).returncode
+
+
+def embed_command(
+    model: str, input_path: str, output: str, batch_size: int, max_length: int
+) -> int:
+    """Embed one text per line of `input_path` with a trained (or any) model; save .npy."""
+    import numpy as np
+
+    from b3.teacher import TextEncoder
+
+    pooling = "mean"
+    pooling_config = os.path.join(model, "1_Pooling", "config.json")
+    if os.path.exists(pooling_config):
+        with open(pooling_config) as f:
+            modes = json.load(f)
+        pooling = next((name for name, key in [("cls", "pooling_mode_cls_token"), ("last_token", "pooling_mode_lasttoken")]
+                        if modes.get(key)), "mean")  # fmt: skip
+    with open(input_path) if input_path != "-" else sys.stdin as f:
+        texts = [line.rstrip("\n") for line in f if line.strip()]
+    if not texts:
+        print(f"embed: {input_path} holds no text", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    emb = TextEncoder(model, pooling=pooling, max_length=max_length, batch_size=batch_size).encode(
+        texts
+    )
+    np.save(output, emb)
+    print(f"embed: {len(texts)} texts -> {output} ({emb.shape[1]} dims, {pooling} pooling)")
     return 0
 
 
@@ -108,6 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("rank", "embed with the teacher and rank positives per query"),
         ("partition", "partition the rank graph into communities with METIS"),
         ("inspect", "compare batch hardness of mined and random batches"),
+        ("train", "train the student with LoRA on the mined batches"),
     ]:
         cmd = sub.add_parser(name, help=text, description=text)
         cmd.add_argument("manifest", help="B3Job manifest (YAML)")
@@ -117,6 +178,14 @@ def build_parser() -> argparse.ArgumentParser:
             )
             cmd.add_argument("--epoch", type=int, default=0, help="epoch whose batches to measure")
             cmd.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    embed = sub.add_parser("embed", help="embed texts (one per line) with a model folder")
+    embed.add_argument("model", help="model folder, e.g. <workDir>/train/final/model")
+    embed.add_argument(
+        "--input", required=True, help="text file, one text per line ('-' for stdin)"
+    )
+    embed.add_argument("--output", required=True, help="where to save the (n, d) float32 .npy")
+    embed.add_argument("--batch-size", type=int, default=64)
+    embed.add_argument("--max-length", type=int, default=128)
     sub.add_parser("schema", help="print the spec's OpenAPI v3 schema (for the CRD)")
     return parser
 
@@ -132,6 +201,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command in ("rank", "partition"):
         return run_stage(args.command, args.manifest)
+    if args.command == "train":
+        return train_command(args.manifest)
+    if args.command == "embed":
+        return embed_command(args.model, args.input, args.output, args.batch_size, args.max_length)
     try:
         job = load_manifest(args.manifest)
         if args.command == "validate":

@@ -187,7 +187,7 @@ def rank_stage(job: B3Job) -> dict:
 # --- partition ---------------------------------------------------------------------------
 
 
-def _require_stage(work: WorkDir, stage: str, outputs: list[str]) -> dict:
+def require_stage(work: WorkDir, stage: str, outputs: list[str]) -> dict:
     missing = [name for name in ["manifest.json", *outputs] if not work.exists(stage, name)]
     if missing:
         raise DataError(
@@ -218,7 +218,7 @@ def partition_stage(job: B3Job) -> dict:
     """Cut each group's S-graph into communities of clusterSize rows with METIS."""
     spec, started = job.spec, time.time()
     work = WorkDir(spec.work_dir)
-    rank = _require_stage(work, "rank", ["topk.parquet"])
+    rank = require_stage(work, "rank", ["topk.parquet"])
     mining = spec.mining
     stage_fp = fingerprint(
         PARTITION_VERSION, rank["fingerprint"], mining.cluster_size, mining.seed, mining.edges
@@ -302,8 +302,8 @@ def inspect_stage(job: B3Job, top_k: int | None = None, epoch: int = 0) -> dict:
     """Hardness of mined batches against random batches of the same size (one epoch)."""
     spec = job.spec
     work = WorkDir(spec.work_dir)
-    _require_stage(work, "rank", ["embeddings.arrow"])
-    _require_stage(work, "partition", ["clusters.parquet"])
+    require_stage(work, "rank", ["embeddings.arrow"])
+    require_stage(work, "partition", ["clusters.parquet"])
     q_emb, p_emb = read_embeddings(work)
     clusters = work.read_parquet("partition", "clusters.parquet")
     groups = clusters.column("group").to_numpy(zero_copy_only=False)

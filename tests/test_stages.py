@@ -179,7 +179,9 @@ def test_rank_stage_on_ray_workers_matches_in_process(tmp_path, tiny_spec, monke
     ray = pytest.importorskip("ray")
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     local = write_manifest(tmp_path, {**tiny_spec, "workDir": "local"}, name="local")
-    distributed = write_manifest(tmp_path, {**tiny_spec, "workDir": "ray", "rank": {"workers": 2}}, name="ray")
+    distributed = write_manifest(
+        tmp_path, {**tiny_spec, "workDir": "ray", "rank": {"workers": 2}}, name="ray"
+    )
     assert run("rank", local) == 0
     try:
         assert run("rank", distributed) == 0
@@ -189,5 +191,7 @@ def test_rank_stage_on_ray_workers_matches_in_process(tmp_path, tiny_spec, monke
     b = WorkDir(str(tmp_path / "ray")).read_parquet("rank", "topk.parquet")
     assert a.column("neighbors").to_pylist() == b.column("neighbors").to_pylist()
     np.testing.assert_allclose(
-        np.concatenate(a.column("scores").to_pylist()), np.concatenate(b.column("scores").to_pylist()), atol=2e-3
+        np.concatenate(a.column("scores").to_pylist()),
+        np.concatenate(b.column("scores").to_pylist()),
+        atol=2e-3,
     )

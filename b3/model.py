@@ -1,0 +1,136 @@
+"""The student: a Hugging Face encoder with LoRA adapters (peft) that embeds texts.
+
+`build_student` loads any `AutoModel`, wraps it with LoRA (target modules from peft's
+per-family table unless the spec names them), and returns an `EmbeddingModel` whose forward
+maps tokenised inputs to L2-normalised embeddings. `export_sentence_transformer` merges the
+adapter into the weights and writes a folder that both `transformers` and
+`sentence-transformers` load.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+from peft import LoraConfig, TaskType, get_peft_model
+from torch import nn
+from transformers import AutoModel, AutoTokenizer
+
+from b3.spec import LoraSpec
+from b3.teacher import pool, resolve_model_path
+
+
+class EmbeddingModel(nn.Module):
+    """Tokenizer + (LoRA-wrapped) backbone + pooling + L2 normalisation."""
+
+    def __init__(self, backbone: nn.Module, tokenizer, pooling: str, max_length: int):
+        super().__init__()
+        self.backbone = backbone
+        self.tokenizer = tokenizer
+        self.pooling = pooling
+        self.max_length = max_length
+
+    def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        return dict(
+            self.tokenizer(
+                texts,
+                padding=True,
+                truncation=True,
+                max_length=self.max_length,
+                return_tensors="pt",
+            )
+        )
+
+    def forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        hidden = self.backbone(
+            input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]
+        ).last_hidden_state  # (b, t, d)
+        return nn.functional.normalize(
+            pool(hidden, inputs["attention_mask"], self.pooling).float(), dim=-1
+        )  # (b, d)
+
+
+def build_student(
+    model: str,
+    pooling: str,
+    max_length: int,
+    lora: LoraSpec | None,
+    gradient_checkpointing: bool = False,
+    dtype: torch.dtype = torch.float32,
+) -> EmbeddingModel:
+    """Load the student and add LoRA adapters (all other weights frozen)."""
+    path = resolve_model_path(model)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    backbone = AutoModel.from_pretrained(path, dtype=dtype)
+    if gradient_checkpointing:
+        backbone.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": False}
+        )
+        backbone.enable_input_require_grads()
+    if lora is not None:
+        config = LoraConfig(
+            task_type=TaskType.FEATURE_EXTRACTION,
+            r=lora.r,
+            lora_alpha=lora.alpha,
+            lora_dropout=lora.dropout,
+            target_modules=lora.target_modules,  # None: peft's table for this model family
+        )
+        try:
+            backbone = get_peft_model(backbone, config)
+        except ValueError as err:
+            raise ValueError(
+                f"training.lora.targetModules: peft has no default for {backbone.config.model_type!r} "
+                f"models ({err}); name the modules, e.g. [q_proj, v_proj]"
+            ) from None
+    return EmbeddingModel(backbone, tokenizer, pooling, max_length)
+
+
+_ST_POOLING = {
+    "mean": "pooling_mode_mean_tokens",
+    "cls": "pooling_mode_cls_token",
+    "last_token": "pooling_mode_lasttoken",
+}
+
+
+def export_sentence_transformer(student: EmbeddingModel, folder: str) -> None:
+    """Write a merged model folder: transformers weights + tokenizer + sentence-transformers
+    modules (Transformer -> Pooling -> Normalize), so `SentenceTransformer(folder)` embeds
+    exactly like the trained student."""
+    backbone = student.backbone
+    if hasattr(backbone, "merge_and_unload"):
+        import copy
+
+        backbone = copy.deepcopy(backbone).merge_and_unload()
+    backbone.save_pretrained(folder)
+    student.tokenizer.save_pretrained(folder)
+    dim = backbone.config.hidden_size
+    pooling = {key: False for key in _ST_POOLING.values()}
+    pooling[_ST_POOLING[student.pooling]] = True
+    files = {
+        "modules.json": [
+            {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+            {
+                "idx": 1,
+                "name": "1",
+                "path": "1_Pooling",
+                "type": "sentence_transformers.models.Pooling",
+            },
+            {
+                "idx": 2,
+                "name": "2",
+                "path": "2_Normalize",
+                "type": "sentence_transformers.models.Normalize",
+            },
+        ],
+        "sentence_bert_config.json": {"max_seq_length": student.max_length, "do_lower_case": False},
+        "1_Pooling/config.json": {"word_embedding_dimension": dim, **pooling},
+        "config_sentence_transformers.json": {"similarity_fn_name": "cosine"},
+    }
+    for name, content in files.items():
+        os.makedirs(os.path.dirname(os.path.join(folder, name)), exist_ok=True)
+        with open(os.path.join(folder, name), "w") as f:
+            json.dump(content, f, indent=2)
+    os.makedirs(os.path.join(folder, "2_Normalize"), exist_ok=True)

@@ -1,0 +1,485 @@
+"""The training recipe: LoRA on the student, InfoNCE over mined batches, on 1..N processes.
+
+    b3 train job.yaml                                    # one process, or a local torchrun
+    torchrun --nnodes N --nproc-per-node G -m b3_jobs.train job.yaml   # what pods run
+
+Read top to bottom: `Trainer.__init__` takes scalars from the spec and refuses bad
+combinations, `setup` builds data, model, optimizer and metrics in that order and resumes
+from the newest checkpoint, `train` is the loop, `save_checkpoint` / `export` write results.
+
+Multi-process: every process builds the same sampler, takes the same global batch, and embeds
+its contiguous slice `rank` of it; the loss gathers all slices (see `b3.loss`), and gradients
+of the LoRA parameters are averaged over processes before the optimizer step, so every
+process holds identical weights and rank 0 alone writes checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import shutil
+import signal
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from peft import set_peft_model_state_dict
+from safetensors.torch import load_file
+from transformers import get_linear_schedule_with_warmup
+
+from b3.batches import B3BatchSampler, HardNegativeSampler, RandomBatchSampler
+from b3.data import DataError, load_pairs
+from b3.loss import CachedInfoNCELoss, InfoNCELoss
+from b3.metrics import TrainMetrics
+from b3.model import EmbeddingModel, build_student, export_sentence_transformer
+from b3.spec import B3Job, spec_to_dict
+from b3.stages import read_topk, require_stage
+from b3.storage import WorkDir, fingerprint
+
+log = logging.getLogger("b3.train")
+
+TRAIN_VERSION = 1
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. the loss is not finite); the last good checkpoint stays."""
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @classmethod
+    def from_env(cls, env: dict[str, str]) -> Dist:
+        """torchrun's RANK / WORLD_SIZE / LOCAL_RANK; a plain process is rank 0 of 1."""
+        return cls(
+            int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0))
+        )
+
+
+# --- data --------------------------------------------------------------------------------
+
+
+class EpochBatches(torch.utils.data.Dataset):
+    """This process's tokenised slices of one epoch's global batches, from `start` on.
+
+    Item i is global batch start+i: its local rows' queries and positives, and (B3++) the
+    local share of the batch's hard negatives. DataLoader workers tokenise ahead of the step.
+    """
+
+    def __init__(
+        self,
+        sampler,
+        hard: HardNegativeSampler | None,
+        texts,
+        positive_group,
+        epoch: int,
+        start: int,
+        tokenize,
+    ):
+        self.batches = sampler.batches(epoch)[start:]
+        self.sampler, self.hard = sampler, hard
+        self.queries, self.positives = texts
+        self.positive_group = positive_group
+        self.epoch, self.start = epoch, start
+        self.tokenize = tokenize
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, i: int) -> dict:
+        batch = self.batches[i]
+        rows = self.sampler.local(batch)
+        item = {
+            "query": self.tokenize([self.queries[r] for r in rows]),
+            "positive": self.tokenize([self.positives[r] for r in rows]),
+            "groups": torch.as_tensor(self.positive_group[rows]),
+        }
+        if self.hard is not None:
+            negs = self.sampler.local(self.hard.sample(batch, self.epoch, self.start + i))
+            item["hard"] = self.tokenize([self.positives[r] for r in negs])
+            item["hard_groups"] = torch.as_tensor(self.positive_group[negs])
+        return item
+
+
+def _to(item: dict, device: torch.device) -> dict:
+    return {
+        k: ({kk: vv.to(device) for kk, vv in v.items()} if isinstance(v, dict) else v.to(device))
+        for k, v in item.items()
+    }
+
+
+# --- one step's gradients ----------------------------------------------------------------
+
+
+def average_gradients(params: list[torch.nn.Parameter], world: int) -> None:
+    """Mean of each gradient over processes (each process's loss is a mean over its slice)."""
+    if world == 1:
+        return
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+        p.grad /= world
+
+
+def compute_gradients(
+    student: EmbeddingModel,
+    loss_fn: InfoNCELoss,
+    item: dict,
+    mini_batch_size: int | None,
+    world: int,
+) -> tuple[float, float]:
+    """Forward and backward for one global batch (this process's slice); returns the global
+    mean loss and in-batch accuracy. Parameter gradients are left averaged over processes."""
+    hard, hard_groups = item.get("hard"), item.get("hard_groups")
+    if mini_batch_size is None:
+        q = student(item["query"])  # (b, d)
+        p = student(item["positive"])  # (b, d)
+        h = student(hard) if hard is not None else None  # (h*b, d)
+        loss = loss_fn(q, p, h, item["groups"], hard_groups)
+        loss.backward()
+        loss = loss.detach()
+    else:
+        loss = CachedInfoNCELoss(loss_fn, mini_batch_size).backward(
+            student, item["query"], item["positive"], hard, item["groups"], hard_groups
+        )
+    average_gradients([p for p in student.parameters() if p.requires_grad], world)
+    stats = torch.stack([loss, loss_fn.last_accuracy]).float()
+    if world > 1:
+        dist.all_reduce(stats, op=dist.ReduceOp.SUM)
+        stats /= world
+    return float(stats[0]), float(stats[1])
+
+
+# --- the recipe --------------------------------------------------------------------------
+
+
+class Trainer:
+    """LoRA contrastive training of the student on the partition stage's batches."""
+
+    def __init__(
+        self,
+        job: B3Job,
+        dist_env: Dist,
+        metrics_port: int | None = None,
+        fault_at_step: int | None = None,
+    ):
+        spec, t, mining = job.spec, job.spec.training, job.spec.mining
+        self.job, self.spec, self.dist = job, spec, dist_env
+        self.work = WorkDir(spec.work_dir)
+        if not self.work.local:
+            raise DataError(
+                f"workDir {spec.work_dir}: training checkpoints need a local or mounted path (a PVC), not an object store"
+            )
+        if mining.batch_size % dist_env.world:
+            raise DataError(
+                f"mining.batchSize ({mining.batch_size}) must be divisible by the {dist_env.world} training processes"
+            )
+        self.local_batch = mining.batch_size // dist_env.world
+        if t.mini_batch_size is not None and t.mini_batch_size > self.local_batch:
+            raise DataError(
+                f"training.miniBatchSize ({t.mini_batch_size}) exceeds the per-process batch ({self.local_batch})"
+            )
+        self.device = torch.device(
+            f"cuda:{dist_env.local_rank}" if torch.cuda.is_available() else "cpu"
+        )
+        self.metrics_port = metrics_port
+        self.fault_at_step = fault_at_step
+        self.step = self.epoch = self.batch_in_epoch = 0
+        self.started = time.time()
+        partition = require_stage(self.work, "partition", ["clusters.parquet"])
+        self.fingerprint = fingerprint(
+            TRAIN_VERSION, partition["fingerprint"], spec_to_dict(spec)["training"],
+            mining.batch_size, mining.seed, mining.hard_negatives, mining.mix_tasks,
+        )  # fmt: skip
+
+    # --- setup -----------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        if self.dist.world > 1 and not dist.is_initialized():
+            if self.device.type == "cuda":
+                torch.cuda.set_device(self.device)
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+        self._setup_data()
+        self.student = self._setup_model()
+        self.params = [p for p in self.student.parameters() if p.requires_grad]
+        self.optimizer, self.scheduler = self._setup_optimizer(self.params, self.total_steps)
+        self.loss_fn = InfoNCELoss(
+            1.0 / self.spec.training.temperature,
+            self.spec.training.symmetric,
+            self.spec.training.gather_across_devices,
+        )
+        self.metrics = TrainMetrics(self.job.name, self.total_steps)
+        if self.dist.rank == 0 and self.metrics_port is not None:
+            self.metrics.serve(self.metrics_port)
+        self._resume()
+        h = self.spec.mining.hard_negatives
+        log.info(
+            "global batch %d = %d process(es) x %d pairs%s; %d steps/epoch, %d steps in all",
+            self.spec.mining.batch_size, self.dist.world, self.local_batch,
+            f" + {h * self.spec.mining.batch_size} hard negatives" if h else "", self.steps_per_epoch, self.total_steps,
+        )  # fmt: skip
+
+    def _setup_data(self) -> None:
+        spec, mining = self.spec, self.spec.mining
+        pairs = load_pairs(spec.dataset, min_rows=mining.batch_size)
+        clusters = self.work.read_parquet("partition", "clusters.parquet")
+        if clusters.column("id").to_pylist() != pairs.ids.tolist():
+            raise DataError(
+                f"{self.work.path('partition', 'clusters.parquet')} does not match dataset {spec.dataset.uri} "
+                "(rows differ); run `b3 rank` and `b3 partition` again"
+            )
+        prompts = [spec.dataset.prompts.for_task(task) for task in pairs.tasks]
+        self.texts = (
+            [qp + q for (qp, _), q in zip(prompts, pairs.queries, strict=True)],
+            [pp + p for (_, pp), p in zip(prompts, pairs.positives, strict=True)],
+        )
+        self.positive_group = pairs.positive_group
+        groups = clusters.column("group").to_numpy(zero_copy_only=False)
+        common = dict(batch_size=mining.batch_size, groups=groups, mix_tasks=mining.mix_tasks, seed=mining.seed,
+                      drop_last=True, rank=self.dist.rank, world_size=self.dist.world)  # fmt: skip
+        if spec.training.sampler == "b3":
+            self.sampler = B3BatchSampler(clusters.column("cluster").to_numpy(), **common)
+        else:
+            self.sampler = RandomBatchSampler(len(groups), **common)
+        self.hard = None
+        if mining.hard_negatives > 0:
+            topk, neighbors = read_topk(self.work, ["skip", "window"])
+            self.hard = HardNegativeSampler(neighbors, topk.column("skip").to_numpy(), topk.column("window").to_numpy(),
+                                            self.positive_group, mining.hard_negatives, groups, mining.seed)  # fmt: skip
+        self.steps_per_epoch = len(self.sampler)
+        t = spec.training
+        self.total_steps = (
+            t.steps if t.steps is not None else (t.epochs or 1) * self.steps_per_epoch
+        )
+
+    def _setup_model(self) -> EmbeddingModel:
+        t = self.spec.training
+        torch.manual_seed(self.spec.mining.seed)  # same LoRA init on every process
+        dtype = (
+            torch.bfloat16
+            if self.device.type == "cuda" and torch.cuda.is_bf16_supported()
+            else torch.float32
+        )
+        student = build_student(
+            t.student, t.pooling, t.max_length, t.lora, t.gradient_checkpointing, dtype
+        )
+        return student.to(self.device).train()
+
+    def _setup_optimizer(self, params, total_steps: int):
+        t = self.spec.training
+        optimizer = torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=0.01)
+        scheduler = get_linear_schedule_with_warmup(
+            optimizer, int(t.warmup_ratio * total_steps), total_steps
+        )
+        return optimizer, scheduler
+
+    # --- checkpoints -----------------------------------------------------------------------
+
+    def checkpoint_dirs(self) -> list[str]:
+        """Complete checkpoints, oldest first (a directory is renamed into place when complete)."""
+        root = self.work.local_path("train", "checkpoints")
+        if not os.path.isdir(root):
+            return []
+        names = sorted(n for n in os.listdir(root) if n.startswith("step-") and "." not in n)
+        return [os.path.join(root, n) for n in names]
+
+    def _resume(self) -> None:
+        found = self.checkpoint_dirs()
+        if not found:
+            return
+        path = found[-1]
+        state = torch.load(
+            os.path.join(path, "trainer_state.pt"), weights_only=False, map_location="cpu"
+        )
+        set_peft_model_state_dict(
+            self.student.backbone, load_file(os.path.join(path, "adapter_model.safetensors"))
+        )
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step, self.epoch, self.batch_in_epoch = (
+            state["step"],
+            state["epoch"],
+            state["batch_in_epoch"],
+        )
+        rng = (
+            state["rng"][self.dist.rank] if self.dist.rank < len(state["rng"]) else state["rng"][0]
+        )
+        _set_rng_state(rng)
+        if state["config"] != spec_to_dict(self.spec) or state["world_size"] != self.dist.world:
+            log.warning("checkpoint %s was written with another spec or world size; its weights and "
+                        "position are used with the current spec", path)  # fmt: skip
+        log.info(
+            "resumed from %s (step %d, epoch %d, batch %d)",
+            path,
+            self.step,
+            self.epoch,
+            self.batch_in_epoch,
+        )
+
+    def save_checkpoint(self) -> None:
+        rng = _get_rng_state()
+        states = [None] * self.dist.world
+        if self.dist.world > 1:
+            dist.all_gather_object(states, rng)
+        else:
+            states = [rng]
+        if self.dist.rank == 0:
+            root = self.work.local_path("train", "checkpoints")
+            final = os.path.join(root, f"step-{self.step:07d}")
+            tmp = f"{final}.tmp-{os.getpid()}"
+            os.makedirs(tmp, exist_ok=True)
+            self.student.backbone.save_pretrained(tmp)
+            torch.save({
+                "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "rng": states, "seed": self.spec.mining.seed, "config": spec_to_dict(self.spec),
+                "world_size": self.dist.world, "sampler": self.sampler.state_dict(),
+            }, os.path.join(tmp, "trainer_state.pt"))  # fmt: skip
+            _fsync_tree(tmp)
+            if os.path.exists(final):
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            for old in self.checkpoint_dirs()[: -self.spec.training.keep_checkpoints]:
+                shutil.rmtree(old, ignore_errors=True)
+            self.metrics.checkpoint_saved()
+        if self.dist.world > 1:
+            dist.barrier()
+
+    # --- the loop --------------------------------------------------------------------------
+
+    def train(self) -> None:
+        t = self.spec.training
+        while self.step < self.total_steps:
+            self.sampler.set_epoch(self.epoch)
+            data = EpochBatches(
+                self.sampler,
+                self.hard,
+                self.texts,
+                self.positive_group,
+                self.epoch,
+                self.batch_in_epoch,
+                self.student.tokenize,
+            )
+            # its own generator: creating a loader must not draw from the global RNG, or a resumed
+            # run would get other dropout masks than an uninterrupted one
+            loader = torch.utils.data.DataLoader(data, batch_size=None, num_workers=min(2, os.cpu_count() or 1), prefetch_factor=2,
+                                                 generator=torch.Generator().manual_seed(self.spec.mining.seed + self.epoch))  # fmt: skip
+            for item in loader:
+                started = time.perf_counter()
+                loss, accuracy = compute_gradients(
+                    self.student,
+                    self.loss_fn,
+                    _to(item, self.device),
+                    t.mini_batch_size,
+                    self.dist.world,
+                )
+                if not np.isfinite(loss):
+                    last = self.checkpoint_dirs()
+                    raise TrainingError(
+                        f"loss is {loss} at step {self.step + 1}; stopped. Last good checkpoint: "
+                        f"{last[-1] if last else 'none'}. Lower training.learningRate or raise training.temperature."
+                    )
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, t.max_grad_norm))
+                lr = self.scheduler.get_last_lr()[0]
+                self.optimizer.step()
+                self.scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.step += 1
+                self.batch_in_epoch += 1
+                seconds = time.perf_counter() - started
+                self.metrics.observe_step(
+                    self.step, loss, accuracy, lr, grad_norm, self.spec.mining.batch_size, seconds
+                )
+                if self.dist.rank == 0 and (
+                    self.step % 10 == 0 or self.step == 1 or self.step == self.total_steps
+                ):
+                    log.info(json.dumps({"step": self.step, "epoch": self.epoch, "loss": round(loss, 5), "accuracy": round(accuracy, 4),
+                                         "lr": lr, "grad_norm": round(grad_norm, 4), "pairs_per_s": round(self.spec.mining.batch_size / seconds, 1)}))  # fmt: skip
+                if self.step % t.checkpoint_every == 0 or self.step == self.total_steps:
+                    self.save_checkpoint()
+                if self.fault_at_step == self.step:  # testing: a node dies without any cleanup
+                    os.kill(os.getpid(), signal.SIGKILL)
+                if self.step >= self.total_steps:
+                    break
+            else:
+                self.epoch += 1
+                self.batch_in_epoch = 0
+
+    def export(self) -> dict:
+        """Adapter and merged model under <work>/train/final/, then the stage manifest."""
+        if self.dist.rank != 0:
+            return {}
+        final = self.work.local_path("train", "final")
+        tmp = f"{final}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        self.student.backbone.save_pretrained(os.path.join(tmp, "adapter"))
+        export_sentence_transformer(self.student, os.path.join(tmp, "model"))
+        _fsync_tree(tmp)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        summary = {"steps": self.step, "epochs": self.epoch, "model": os.path.join(final, "model")}
+        return self.work.finish_stage(
+            "train",
+            self.fingerprint,
+            ["final/model/config.json"],
+            spec_to_dict(self.spec)["training"],
+            summary,
+            self.started,
+        )
+
+    def cleanup(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _get_rng_state() -> dict:
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+    }
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+
+
+def _fsync_tree(folder: str) -> None:
+    for base, _, files in os.walk(folder):
+        for name in files:
+            fd = os.open(os.path.join(base, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+
+def train_stage(job: B3Job, env: dict[str, str] | None = None) -> dict:
+    """Run (or skip, when its manifest matches) the train stage in this process."""
+    env = dict(os.environ) if env is None else env
+    dist_env = Dist.from_env(env)
+    port = int(env["B3_METRICS_PORT"]) if env.get("B3_METRICS_PORT") else None
+    fault = int(env["B3_FAULT_AT_STEP"]) if env.get("B3_FAULT_AT_STEP") else None
+    trainer = Trainer(job, dist_env, metrics_port=port, fault_at_step=fault)
+    done = trainer.work.finished_stage("train", trainer.fingerprint)
+    if done:
+        return {**done, "skipped": True}
+    try:
+        trainer.setup()
+        trainer.train()
+        return trainer.export()
+    finally:
+        trainer.cleanup()

@@ -1,0 +1,199 @@
+"""The trainer: kill-and-resume equals straight through, a live metrics scrape, failure
+behaviour, and an export that sentence-transformers loads."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import numpy as np
+import pytest
+import torch
+from conftest import write_manifest
+from prometheus_client.parser import text_string_to_metric_families
+from safetensors.torch import load_file
+
+import b3.train
+from b3.cli import main
+from b3.metrics import TRAIN_METRICS
+
+
+@pytest.fixture
+def mined(tmp_path, tiny_spec):
+    """A work dir whose rank and partition stages are done; returns a function that writes a
+    manifest with training overrides into a fresh copy of it."""
+    base = tmp_path / "base"
+    spec = {**tiny_spec, "mining": {**tiny_spec["mining"], "hardNegatives": 1},
+            "training": {"student": tiny_spec["teacher"]["model"], "lora": {"targetModules": ["query", "value"]}}}  # fmt: skip
+    assert (
+        main(["rank", str(write_manifest(tmp_path, {**spec, "workDir": str(base)}, "mine"))]) == 0
+    )
+    assert (
+        main(["partition", str(write_manifest(tmp_path, {**spec, "workDir": str(base)}, "mine"))])
+        == 0
+    )
+
+    def make(name: str, **training) -> tuple[str, str]:
+        work = tmp_path / name
+        shutil.copytree(base, work)
+        manifest = write_manifest(
+            tmp_path,
+            {**spec, "workDir": str(work), "training": {**spec["training"], **training}},
+            name,
+        )
+        return str(manifest), str(work)
+
+    return make
+
+
+def train_process(manifest: str, **env) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "b3_jobs.train", manifest], capture_output=True, text=True,
+                          env={**os.environ, **env}, timeout=300)  # fmt: skip
+
+
+def final_state(work: str) -> tuple[dict, dict]:
+    ckpt = os.path.join(work, "train", "checkpoints", "step-0000020")
+    state = torch.load(os.path.join(ckpt, "trainer_state.pt"), weights_only=False)
+    return load_file(os.path.join(ckpt, "adapter_model.safetensors")), state
+
+
+def test_killed_and_resumed_equals_straight_through(mined):
+    straight, straight_work = mined("straight", steps=20, checkpointEvery=10)
+    resumed, resumed_work = mined("resumed", steps=20, checkpointEvery=10)
+    assert train_process(straight).returncode == 0
+    killed = train_process(resumed, B3_FAULT_AT_STEP="10")
+    assert killed.returncode == -9, killed.stderr  # SIGKILL right after the step-10 checkpoint
+    assert sorted(os.listdir(os.path.join(resumed_work, "train", "checkpoints"))) == [
+        "step-0000010"
+    ]
+    again = train_process(resumed)
+    assert again.returncode == 0, again.stderr
+    assert "resumed from" in again.stderr and "step 10" in again.stderr
+    weights_a, state_a = final_state(straight_work)
+    weights_b, state_b = final_state(resumed_work)
+    assert weights_a.keys() == weights_b.keys()
+    for name in weights_a:
+        torch.testing.assert_close(weights_a[name], weights_b[name], rtol=1e-5, atol=1e-7, msg=name)
+    assert (
+        (state_a["epoch"], state_a["batch_in_epoch"])
+        == (state_b["epoch"], state_b["batch_in_epoch"])
+        == (1, 5)
+    )
+    assert state_a["sampler"] == state_b["sampler"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_metrics_endpoint_is_scraped_during_a_run(mined):
+    manifest, _ = mined("metrics", steps=400, checkpointEvery=100)
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "b3_jobs.train", manifest], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env={**os.environ, "B3_METRICS_PORT": str(port)})  # fmt: skip
+    try:
+        deadline, families = time.time() + 120, {}
+        while time.time() < deadline and proc.poll() is None:
+            try:
+                text = (
+                    urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2)
+                    .read()
+                    .decode()
+                )
+            except OSError:
+                time.sleep(0.2)
+                continue
+            families = {f.name: f for f in text_string_to_metric_families(text)}
+            if "b3_train_step" in families and families["b3_train_step"].samples[0].value >= 3:
+                break
+            time.sleep(0.2)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert families, "the endpoint never answered while training ran"
+    for name in TRAIN_METRICS:
+        assert name in families, name
+    value = {f.name: f.samples[0] for f in families.values()}
+    assert value["b3_train_step"].labels == {"job": "metrics"} and value["b3_train_step"].value >= 3
+    assert value["b3_train_total_steps"].value == 400
+    assert np.isfinite(value["b3_train_loss"].value) and value["b3_train_loss"].value > 0
+    assert 0 <= value["b3_train_inbatch_accuracy"].value <= 1
+    assert value["b3_train_examples_per_second"].value > 0
+    buckets = [s for s in families["b3_train_step_seconds"].samples if s.name.endswith("_count")]
+    assert buckets[0].value >= 3
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(mined, monkeypatch, capsys):
+    manifest, work = mined("nan", steps=10, checkpointEvery=2)
+    real = b3.train.compute_gradients
+    calls = {"n": 0}
+
+    def sometimes_nan(*args, **kwargs):
+        calls["n"] += 1
+        loss, acc = real(*args, **kwargs)
+        return (float("nan"), acc) if calls["n"] == 5 else (loss, acc)
+
+    monkeypatch.setattr(b3.train, "compute_gradients", sometimes_nan)
+    assert main(["train", manifest]) == 1
+    err = capsys.readouterr().err
+    assert "loss is nan at step 5" in err and "step-0000004" in err
+    assert sorted(os.listdir(os.path.join(work, "train", "checkpoints"))) == [
+        "step-0000002",
+        "step-0000004",
+    ]
+    assert not os.path.exists(os.path.join(work, "train", "manifest.json"))
+
+
+def test_missing_or_stale_artifacts_exit_2(mined, tmp_path, capsys, pairs_path):
+    manifest, work = mined("stale", steps=2)
+    shutil.rmtree(os.path.join(work, "partition"))
+    assert main(["train", manifest]) == 2
+    assert "partition stage output missing" in capsys.readouterr().err
+    manifest, work = mined("changed", steps=2)
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(pairs_path)
+    pq.write_table(table.slice(1), pairs_path)  # the dataset lost a row after mining
+    assert main(["train", manifest]) == 2
+    assert "does not match dataset" in capsys.readouterr().err
+
+
+def test_export_loads_in_sentence_transformers_and_b3_embed(mined, tmp_path, capsys):
+    st = pytest.importorskip("sentence_transformers")
+    manifest, work = mined("export", steps=3, learningRate=0.01, warmupRatio=0)
+    assert main(["train", manifest]) == 0
+    model_dir = os.path.join(work, "train", "final", "model")
+    texts = ["tool for parsing fonts", "audio driver module", "a python library"]
+    (tmp_path / "texts.txt").write_text("\n".join(texts) + "\n")
+    assert (
+        main(
+            [
+                "embed",
+                model_dir,
+                "--input",
+                str(tmp_path / "texts.txt"),
+                "--output",
+                str(tmp_path / "e.npy"),
+            ]
+        )
+        == 0
+    )
+    ours = np.load(tmp_path / "e.npy")
+    theirs = st.SentenceTransformer(model_dir, device="cpu").encode(texts)
+    np.testing.assert_allclose(ours, theirs, atol=1e-5)
+    # the export carries the trained adapter: it embeds differently from the untrained student
+    from b3.spec import load_manifest
+    from b3.teacher import TextEncoder
+
+    untrained = TextEncoder(load_manifest(manifest).spec.training.student, max_length=128).encode(
+        texts
+    )
+    assert np.abs(untrained - ours).max() > 1e-4
+    assert main(["train", manifest]) == 0 and "up to date" in capsys.readouterr().out
