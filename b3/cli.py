@@ -5,6 +5,7 @@
     b3 partition job.yaml     METIS communities of clusterSize rows
     b3 inspect   job.yaml     batch hardness: mined vs random batches
     b3 train     job.yaml     LoRA training on the mined batches (torchrun when several processes)
+    b3 eval      job.yaml     retrieval metrics on the held-out split: teacher, untrained, trained
     b3 embed     MODEL --input texts.txt --output emb.npy
     b3 schema                 the B3Job spec as a CRD OpenAPI v3 schema (JSON)
 
@@ -159,6 +160,67 @@ def stage_main(name: str, argv: list[str] | None = None) -> int:
     return run_stage(name, argv[0] if argv else os.environ.get("B3_MANIFEST", "/etc/b3/job.yaml"))
 
 
+def eval_command(manifest: str, models: list[str], as_json: bool) -> int:
+    """Retrieval metrics of several models on the held-out split, as a table or JSON."""
+    from b3.data import load_pairs
+    from b3.evaluation import evaluate_encoder
+    from b3.storage import WorkDir
+    from b3.teacher import TextEncoder
+
+    try:
+        job = load_manifest(manifest)
+        spec = job.spec
+        if spec.dataset.split is None:
+            raise DataError(
+                "dataset.split is not set, so there is no held-out split to evaluate on"
+            )
+        pairs = load_pairs(spec.dataset, min_rows=1, split="test")
+    except (SpecError, DataError) as err:
+        print(f"eval: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    work = WorkDir(spec.work_dir)
+    t = spec.training
+    prompts = spec.dataset.prompts
+    # name -> (model, pooling, max length, prompts)
+    candidates = {"teacher": (spec.teacher.model, spec.teacher.pooling, spec.teacher.max_length,
+                              prompts if spec.teacher.use_prompts else None),
+                  "student (untrained)": (t.student, t.pooling, t.max_length, prompts)}  # fmt: skip
+    if work.local and work.exists("train", "final", "model", "config.json"):
+        candidates["student (trained)"] = (
+            work.local_path("train", "final", "model"),
+            t.pooling,
+            t.max_length,
+            prompts,
+        )
+    for entry in models:
+        name, _, path = entry.rpartition("=")
+        candidates[name or path] = (path, t.pooling, t.max_length, prompts)
+    results = {}
+    for name, (model, pooling, max_length, model_prompts) in candidates.items():
+        encoder = TextEncoder(
+            model, pooling=pooling, max_length=max_length, batch_size=spec.teacher.batch_size
+        )
+        results[name] = evaluate_encoder(encoder, pairs, model_prompts)
+    report = {
+        "split": spec.dataset.split.model_dump(by_alias=True),
+        "dataset": spec.dataset.uri,
+        "models": results,
+    }
+    if work.local:
+        work.write_json(report, "eval", "results.json")
+    if as_json:
+        print(json.dumps(report, indent=2))
+        return 0
+    first = next(iter(results.values()))
+    print(f"retrieval on the test split ({first['queries']} queries, {first['corpus']} documents)")
+    print(f"  {'model':<22}{'nDCG@10':>9}{'R@1':>8}{'R@10':>8}{'MRR@10':>8}")
+    for name, m in results.items():
+        print(
+            f"  {name:<22}{m['ndcg@10']:>9.4f}{m['recall@1']:>8.4f}{m['recall@10']:>8.4f}{m['mrr@10']:>8.4f}"
+        )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="b3", description="B3 smart batch mining.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -178,6 +240,12 @@ def build_parser() -> argparse.ArgumentParser:
             )
             cmd.add_argument("--epoch", type=int, default=0, help="epoch whose batches to measure")
             cmd.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    ev = sub.add_parser("eval", help="retrieval metrics on the held-out split")
+    ev.add_argument("manifest", help="B3Job manifest (YAML)")
+    ev.add_argument(
+        "--model", action="append", default=[], metavar="NAME=PATH", help="another model to compare"
+    )
+    ev.add_argument("--json", action="store_true", help="print JSON instead of a table")
     embed = sub.add_parser("embed", help="embed texts (one per line) with a model folder")
     embed.add_argument("model", help="model folder, e.g. <workDir>/train/final/model")
     embed.add_argument(
@@ -203,6 +271,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_stage(args.command, args.manifest)
     if args.command == "train":
         return train_command(args.manifest)
+    if args.command == "eval":
+        return eval_command(args.manifest, args.model, args.json)
     if args.command == "embed":
         return embed_command(args.model, args.input, args.output, args.batch_size, args.max_length)
     try:

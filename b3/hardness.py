@@ -36,7 +36,7 @@ def batch_hardness(
     """
     q_all = torch.as_tensor(query_emb, dtype=torch.float32)
     p_all = torch.as_tensor(positive_emb, dtype=torch.float32)
-    g_all = torch.as_tensor(positive_group)
+    g_all = torch.as_tensor(np.array(positive_group))  # a copy: Arrow-backed arrays are read-only
     topk_sum = top1_sum = mean_sum = 0.0
     queries = 0
     for batch in batches:
