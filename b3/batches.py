@@ -37,12 +37,12 @@ class _GroupedBatchSampler(Sampler[list[int]]):
         self,
         n: int,
         batch_size: int,
-        groups: Sequence | np.ndarray | None,
-        mix_tasks: bool,
-        seed: int,
-        drop_last: bool,
-        rank: int,
-        world_size: int,
+        groups: Sequence | np.ndarray | None = None,
+        mix_tasks: bool = False,
+        seed: int = 0,
+        drop_last: bool = True,
+        rank: int = 0,
+        world_size: int = 1,
     ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
@@ -192,27 +192,14 @@ class B3BatchSampler(_GroupedBatchSampler):
 class RandomBatchSampler(_GroupedBatchSampler):
     """Uniformly random batches (the baseline B3 is measured against).
 
-    Same interface and remainder rules as `B3BatchSampler`; rows of one group (task) stay
-    together unless `mix_tasks`.
+    Same interface and remainder rules as `B3BatchSampler`, with the number of rows `n` in
+    place of `clusters`; rows of one group (task) stay together unless `mix_tasks`.
 
     Example:
         >>> sampler = RandomBatchSampler(n=8, batch_size=4, seed=0)
         >>> sorted(sum(list(sampler), []))
         [0, 1, 2, 3, 4, 5, 6, 7]
     """
-
-    def __init__(
-        self,
-        n: int,
-        batch_size: int,
-        groups: Sequence | np.ndarray | None = None,
-        mix_tasks: bool = False,
-        seed: int = 0,
-        drop_last: bool = True,
-        rank: int = 0,
-        world_size: int = 1,
-    ):
-        super().__init__(n, batch_size, groups, mix_tasks, seed, drop_last, rank, world_size)
 
     def _group_order(self, rng: np.random.Generator, members: np.ndarray) -> np.ndarray:
         return rng.permutation(members)
