@@ -30,6 +30,7 @@ class EmbeddingModel(nn.Module):
         self.tokenizer = tokenizer
         self.pooling = pooling
         self.max_length = max_length
+        self.autocast_dtype: torch.dtype | None = None  # bf16 on GPUs: fp32 weights, bf16 matmuls
 
     def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
         return dict(
@@ -43,12 +44,14 @@ class EmbeddingModel(nn.Module):
         )
 
     def forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        hidden = self.backbone(
-            input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]
-        ).last_hidden_state  # (b, t, d)
-        return nn.functional.normalize(
-            pool(hidden, inputs["attention_mask"], self.pooling).float(), dim=-1
-        )  # (b, d)
+        on = self.autocast_dtype is not None
+        device = inputs["input_ids"].device.type
+        with torch.autocast(device, dtype=self.autocast_dtype or torch.float32, enabled=on):
+            out = self.backbone(
+                input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]
+            )
+            pooled = pool(out.last_hidden_state, inputs["attention_mask"], self.pooling)  # (b, d)
+        return nn.functional.normalize(pooled.float(), dim=-1)  # (b, d)
 
 
 def build_student(
@@ -57,14 +60,13 @@ def build_student(
     max_length: int,
     lora: LoraSpec | None,
     gradient_checkpointing: bool = False,
-    dtype: torch.dtype = torch.float32,
 ) -> EmbeddingModel:
     """Load the student and add LoRA adapters (all other weights frozen)."""
     path = resolve_model_path(model)
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    backbone = AutoModel.from_pretrained(path, dtype=dtype)
+    backbone = AutoModel.from_pretrained(path, dtype=torch.float32)
     if gradient_checkpointing:
         backbone.gradient_checkpointing_enable(
             gradient_checkpointing_kwargs={"use_reentrant": False}

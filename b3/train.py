@@ -263,14 +263,11 @@ class Trainer:
     def _setup_model(self) -> EmbeddingModel:
         t = self.spec.training
         torch.manual_seed(self.spec.mining.seed)  # same LoRA init on every process
-        dtype = (
-            torch.bfloat16
-            if self.device.type == "cuda" and torch.cuda.is_bf16_supported()
-            else torch.float32
-        )
         student = build_student(
-            t.student, t.pooling, t.max_length, t.lora, t.gradient_checkpointing, dtype
+            t.student, t.pooling, t.max_length, t.lora, t.gradient_checkpointing
         )
+        if self.device.type == "cuda" and torch.cuda.is_bf16_supported():
+            student.autocast_dtype = torch.bfloat16  # fp32 master weights, bf16 compute
         return student.to(self.device).train()
 
     def _setup_optimizer(self, params, total_steps: int):

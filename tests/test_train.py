@@ -197,3 +197,32 @@ def test_export_loads_in_sentence_transformers_and_b3_embed(mined, tmp_path, cap
     )
     assert np.abs(untrained - ours).max() > 1e-4
     assert main(["train", manifest]) == 0 and "up to date" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_train_like_one(tmp_path, tiny_spec, tiny_model_no_dropout):
+    """`b3 train` with processesPerNode: 2 goes through torchrun (gloo); without dropout the
+    two-process run must end with the one-process run's weights."""
+    spec = {**tiny_spec, "teacher": {**tiny_spec["teacher"], "model": tiny_model_no_dropout},
+            "training": {"student": tiny_model_no_dropout, "steps": 4, "learningRate": 0.01,
+                         "lora": {"dropout": 0.0, "targetModules": ["query", "value"]}}}  # fmt: skip
+    base = write_manifest(tmp_path, {**spec, "workDir": "base"}, "base")
+    assert main(["rank", str(base)]) == 0 and main(["partition", str(base)]) == 0
+    shutil.copytree(tmp_path / "base", tmp_path / "two")
+    one = write_manifest(tmp_path, {**spec, "workDir": "base"}, "one")
+    two = write_manifest(
+        tmp_path,
+        {**spec, "workDir": "two", "training": {**spec["training"], "processesPerNode": 2}},
+        "two",
+    )
+    assert main(["train", str(one)]) == 0
+    assert main(["train", str(two)]) == 0
+    a = load_file(tmp_path / "base" / "train" / "final" / "adapter" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "two" / "train" / "final" / "adapter" / "adapter_model.safetensors")
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-6, msg=name)
+    state = torch.load(
+        tmp_path / "two" / "train" / "checkpoints" / "step-0000004" / "trainer_state.pt",
+        weights_only=False,
+    )
+    assert state["world_size"] == 2 and len(state["rng"]) == 2
