@@ -195,12 +195,15 @@ def eval_command(manifest: str, models: list[str], as_json: bool) -> int:
     for entry in models:
         name, _, path = entry.rpartition("=")
         candidates[name or path] = (path, t.pooling, t.max_length, prompts)
-    results = {}
-    for name, (model, pooling, max_length, model_prompts) in candidates.items():
-        encoder = TextEncoder(
-            model, pooling=pooling, max_length=max_length, batch_size=spec.teacher.batch_size
-        )
-        results[name] = evaluate_encoder(encoder, pairs, model_prompts)
+    results, by_config = {}, {}
+    for name, config in candidates.items():
+        if config not in by_config:  # e.g. the untrained student is the teacher: embed once
+            model, pooling, max_length, model_prompts = config
+            encoder = TextEncoder(
+                model, pooling=pooling, max_length=max_length, batch_size=spec.teacher.batch_size
+            )
+            by_config[config] = evaluate_encoder(encoder, pairs, model_prompts)
+        results[name] = by_config[config]
     report = {
         "split": spec.dataset.split.model_dump(by_alias=True),
         "dataset": spec.dataset.uri,

@@ -352,8 +352,24 @@ class Trainer:
 
     # --- the loop --------------------------------------------------------------------------
 
+    def _log_window(
+        self, window: list[tuple[float, float, float]], lr: float, grad_norm: float
+    ) -> None:
+        """One JSON line: means over the steps since the last line (single batches are noisy)."""
+        if self.dist.rank != 0:
+            return
+        loss, accuracy, seconds = (float(np.mean(col)) for col in zip(*window, strict=True))
+        log.info(json.dumps({
+            "step": self.step, "epoch": self.epoch, "loss": round(loss, 5), "accuracy": round(accuracy, 4),
+            "lr": lr, "grad_norm": round(grad_norm, 4), "pairs_per_s": round(self.spec.mining.batch_size / seconds, 1),
+            "steps_averaged": len(window),
+        }))  # fmt: skip
+
     def train(self) -> None:
         t = self.spec.training
+        window: list[
+            tuple[float, float, float]
+        ] = []  # (loss, accuracy, seconds) since the last log line
         while self.step < self.total_steps:
             self.sampler.set_epoch(self.epoch)
             data = EpochBatches(
@@ -395,11 +411,10 @@ class Trainer:
                 self.metrics.observe_step(
                     self.step, loss, accuracy, lr, grad_norm, self.spec.mining.batch_size, seconds
                 )
-                if self.dist.rank == 0 and (
-                    self.step % 10 == 0 or self.step == 1 or self.step == self.total_steps
-                ):
-                    log.info(json.dumps({"step": self.step, "epoch": self.epoch, "loss": round(loss, 5), "accuracy": round(accuracy, 4),
-                                         "lr": lr, "grad_norm": round(grad_norm, 4), "pairs_per_s": round(self.spec.mining.batch_size / seconds, 1)}))  # fmt: skip
+                window.append((loss, accuracy, seconds))
+                if self.step % 10 == 0 or self.step == 1 or self.step == self.total_steps:
+                    self._log_window(window, lr, grad_norm)
+                    window.clear()
                 if self.step % t.checkpoint_every == 0 or self.step == self.total_steps:
                     self.save_checkpoint()
                 if self.fault_at_step == self.step:  # testing: a node dies without any cleanup
