@@ -48,18 +48,17 @@ def build_graph(window: np.ndarray, mutual: bool = True) -> Graph:
     window: (n, w) int, row i lists i's preferred batch-mates (local ids), -1 for none.
     """
     n = window.shape[0]
-    valid = (window >= 0) & (window != np.arange(n)[:, None])
-    indptr = np.concatenate([[0], np.cumsum(valid.sum(1))]).astype(np.int64)
-    a = sp.csr_matrix(
-        (
-            np.ones(int(indptr[-1]), dtype=np.int8),
-            window[valid].astype(np.int64, copy=False),
-            indptr,
-        ),
-        shape=(n, n),
+    index = np.int32 if n < 2**31 - 1 else np.int64  # scipy's own choice; int32 halves the traffic
+    # Sorting each short row (numpy's SIMD sort) makes duplicates adjacent and hands scipy a
+    # canonical CSR, which is cheaper than letting scipy sort and deduplicate it.
+    rows = np.sort(window.astype(index, copy=False), axis=1)
+    valid = (rows >= 0) & (rows != np.arange(n, dtype=index)[:, None])
+    valid[:, 1:] &= rows[:, 1:] != rows[:, :-1]
+    indptr = np.concatenate([[0], np.cumsum(valid.sum(1))]).astype(
+        np.int64 if valid.sum() >= 2**31 else index
     )
-    a.sum_duplicates()  # a neighbour listed twice counts once
-    a.data[:] = 1
+    a = sp.csr_matrix((np.ones(int(indptr[-1]), dtype=np.int8), rows[valid], indptr), shape=(n, n))
+    a.has_canonical_format = True  # sorted, duplicate-free rows (see above)
     sym = a.multiply(a.T) if mutual else a + a.T  # O(edges): scipy merges sorted rows
     sym = sp.csr_matrix(sym)
     sym.sort_indices()

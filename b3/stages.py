@@ -20,6 +20,7 @@ import time
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from b3 import graph as graphs
@@ -165,7 +166,10 @@ def rank_stage(job: B3Job) -> dict:
             "positive_group": pa.array(pairs.positive_group, pa.int64()),
             "skip": pa.array(skip, pa.int32()),
             "window": pa.array(window, pa.int32()),
-            "neighbors": pa.ListArray.from_arrays(pa.array(offsets), pa.array(neighbors[valid])),
+            # int32 rows (N < 2^31): half the bytes for the partition stage to read
+            "neighbors": pa.ListArray.from_arrays(
+                pa.array(offsets), pa.array(neighbors[valid].astype(np.int32))
+            ),
             "scores": pa.ListArray.from_arrays(pa.array(offsets), pa.array(scores[valid])),
         }
     )
@@ -209,7 +213,7 @@ def read_topk(work: WorkDir, columns: list[str] | None = None) -> tuple[pa.Table
     width = int(lengths.max()) if len(lengths) else 0
     if (lengths == width).all():  # the usual case: every row kept its full window
         return table, flat.reshape(len(lengths), width)
-    dense = np.full((len(lengths), width), -1, dtype=np.int64)
+    dense = np.full((len(lengths), width), -1, dtype=flat.dtype)
     dense[np.arange(width)[None, :] < lengths[:, None]] = flat
     return table, dense
 
@@ -230,28 +234,37 @@ def partition_stage(job: B3Job) -> dict:
     meta = ["row", "id", "task", "group", "positive_group", "skip", "window"]
     table, neighbors = read_topk(work, meta)
     n = table.num_rows
-    group_names, of_row = np.unique(
-        table.column("group").to_numpy(zero_copy_only=False), return_inverse=True
-    )
+    groups = pc.dictionary_encode(table.column("group").combine_chunks())
+    group_names, of_row = groups.dictionary.to_pylist(), groups.indices.to_numpy()
     skip = table.column("skip").to_numpy()
     window = table.column("window").to_numpy()
     clusters = np.empty(n, dtype=np.int64)
     s_inside = s_total = cut = metis_cut = edges = next_id = 0
+    metis_seconds = 0.0
     with progress(n, "partition", unit="row") as bar:
         for g in range(len(group_names)):
             rows = np.flatnonzero(of_row == g)
             p_g, m_g = int(skip[rows[0]]), int(window[rows[0]])
-            s = neighbors[rows, p_g : p_g + m_g]  # S = R[:, p:p+m], global rows
-            if len(rows) < n:  # to the group's own numbering (ranking never leaves the group)
+            if len(rows) == n:  # one group: a view, not a copy
+                s = neighbors[:, p_g : p_g + m_g]  # S = R[:, p:p+m]
+            else:  # to the group's own numbering (ranking never leaves the group)
+                s = neighbors[rows, p_g : p_g + m_g]
                 local = np.full(n, -1, dtype=np.int64)
                 local[rows] = np.arange(len(rows))
                 s = np.where(s >= 0, local[np.maximum(s, 0)], -1)
             graph = graphs.build_graph(s, mutual=mining.edges == "mutual")
-            comm, g_metis_cut = graphs.partition_graph(graph, mining.cluster_size, mining.seed)
+            metis_started = time.perf_counter()
+            labels, g_metis_cut = graphs.metis_parts(
+                graph, -(-len(rows) // mining.cluster_size), mining.seed
+            )
+            metis_seconds += time.perf_counter() - metis_started
+            comm = graphs.rebalance(labels, graph, mining.cluster_size, mining.seed)
             clusters[rows] = comm + next_id
             next_id += int(comm.max()) + 1
             valid = s >= 0
-            s_inside += int(((comm[:, None] == comm[np.maximum(s, 0)]) & valid).sum())
+            s_inside += int(
+                ((comm[:, None] == comm[s]) & valid).sum()
+            )  # comm[-1] is masked by valid
             s_total += int(valid.sum())
             cut += graphs.edge_cut(graph, comm)
             metis_cut += g_metis_cut
@@ -275,6 +288,7 @@ def partition_stage(job: B3Job) -> dict:
         "edge_cut": cut,
         "metis_edge_cut": metis_cut,
         "edge_cut_share": cut / edges if edges else 0.0,
+        "metis_seconds": round(metis_seconds, 3),
         "s_edges_inside_share": s_inside / s_total if s_total else 0.0,
     }
     out = pa.table(
