@@ -7,8 +7,8 @@ memory flat as the batch grows?
    (b) by `SentenceTransformerTrainer` with `MultipleNegativesRankingLoss(scale=50)`.
    Pairs per second over all steps, first ones included, for both.
 2. Memory: one training step at |B| = 64, 256, 1024 with GradCache (miniBatchSize 32) and
-   without, each in a fresh process; the growth of peak RSS over the process's RSS before the
-   step (on CPU, where this runs, activations live in RSS).
+   without, each in a fresh process; the peak RSS during the step (Linux VmHWM, reset just
+   before it) over the RSS before it. On CPU, where this runs, activations live in RSS.
 
     python bench/train_throughput.py                       # both parts
     python bench/train_throughput.py --skip-memory --steps 10
@@ -19,11 +19,11 @@ Needs sentence-transformers, datasets and accelerate. Prints and saves JSON.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import multiprocessing as mp
 import os
 import platform
-import resource
 import sys
 import tempfile
 import time
@@ -108,8 +108,16 @@ def sentence_transformers_fit(queries, positives, batch, max_length, steps) -> f
         return time.perf_counter() - start
 
 
-def _rss_gib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+def _status_gib(field: str) -> float:
+    """VmRSS (now) or VmHWM (peak since the last reset) of this process, from /proc."""
+    with open("/proc/self/status") as f:
+        kib = next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+    return kib / 2**20
+
+
+def _reset_peak() -> None:
+    with open("/proc/self/clear_refs", "w") as f:  # "5" resets VmHWM to the current RSS (Linux)
+        f.write("5")
 
 
 def _memory_child(batch: int, mini_batch_size: int | None, max_length: int, queue) -> None:
@@ -129,12 +137,16 @@ def _memory_child(batch: int, mini_batch_size: int | None, max_length: int, queu
         "positive": student.tokenize(positives),
         "groups": torch.arange(batch),
     }
-    before = _rss_gib()
+    gc.collect()
+    _reset_peak()
+    before = _status_gib("VmRSS")
     start = time.perf_counter()
     compute_gradients(student, InfoNCELoss(scale=50.0), item, mini_batch_size, 1)
+    seconds = time.perf_counter() - start
+    peak = _status_gib("VmHWM")
     queue.put({"batch": batch, "mini_batch_size": mini_batch_size, "rss_before_gib": round(before, 3),
-               "peak_rss_gib": round(_rss_gib(), 3), "step_growth_gib": round(_rss_gib() - before, 3),
-               "seconds": round(time.perf_counter() - start, 2)})  # fmt: skip
+               "peak_rss_gib": round(peak, 3), "step_growth_gib": round(peak - before, 3),
+               "seconds": round(seconds, 2)})  # fmt: skip
 
 
 def memory(batches: list[int], mini_batch_size: int, max_length: int) -> list[dict]:
@@ -145,8 +157,19 @@ def memory(batches: list[int], mini_batch_size: int, max_length: int) -> list[di
             queue = ctx.Queue()
             proc = ctx.Process(target=_memory_child, args=(batch, mbs, max_length, queue))
             proc.start()
-            rows.append(queue.get())
-            proc.join()
+            while proc.is_alive() and queue.empty():
+                proc.join(1)
+            if queue.empty():  # killed, e.g. by the OOM killer: plain steps grow with |B|
+                rows.append(
+                    {
+                        "batch": batch,
+                        "mini_batch_size": mbs,
+                        "error": f"process died (exit code {proc.exitcode}), most likely out of memory",
+                    }
+                )
+            else:
+                rows.append(queue.get())
+                proc.join()
             print(json.dumps(rows[-1]), flush=True)
     return rows
 
@@ -159,29 +182,35 @@ def main() -> None:
     parser.add_argument("--memory-batches", type=int, nargs="+", default=[64, 256, 1024])
     parser.add_argument("--mini-batch-size", type=int, default=32)
     parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument(
+        "--skip-throughput", action="store_true", help="memory only; merged into --out"
+    )
     parser.add_argument("--out", default=str(RESULTS / "train_throughput.json"))
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-    queries, positives = load_texts(args.batch * args.steps)
-    st_seconds = sentence_transformers_fit(
-        queries, positives, args.batch, args.max_length, args.steps
-    )
-    our_seconds = ours(queries, positives, args.batch, args.max_length, args.steps)
-    pairs = args.batch * args.steps
-    result = {
-        "question": "pairs/s of our training step vs a sentence-transformers MNRL fit; GradCache memory vs |B|",
-        "model": MODEL, "lora_r": 8, "batch": args.batch, "max_length": args.max_length, "steps": args.steps,
-        "pairs_per_second": {"b3": round(pairs / our_seconds, 2), "sentence_transformers": round(pairs / st_seconds, 2)},
-        "ratio_b3_over_sentence_transformers": round(st_seconds / our_seconds, 3),
-        "torch_threads": __import__("torch").get_num_threads(),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-    }  # fmt: skip
-    print(json.dumps(result, indent=2), flush=True)
+    out = Path(args.out)
+    result = json.loads(out.read_text()) if args.skip_throughput and out.exists() else {}
+    if not args.skip_throughput:
+        queries, positives = load_texts(args.batch * args.steps)
+        st_seconds = sentence_transformers_fit(
+            queries, positives, args.batch, args.max_length, args.steps
+        )
+        our_seconds = ours(queries, positives, args.batch, args.max_length, args.steps)
+        pairs = args.batch * args.steps
+        result = {
+            "question": "pairs/s of our training step vs a sentence-transformers MNRL fit; GradCache memory vs |B|",
+            "model": MODEL, "lora_r": 8, "batch": args.batch, "max_length": args.max_length, "steps": args.steps,
+            "pairs_per_second": {"b3": round(pairs / our_seconds, 2), "sentence_transformers": round(pairs / st_seconds, 2)},
+            "ratio_b3_over_sentence_transformers": round(st_seconds / our_seconds, 3),
+            "torch_threads": __import__("torch").get_num_threads(),
+            "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        }  # fmt: skip
+        print(json.dumps(result, indent=2), flush=True)
     if not args.skip_memory:
         result["memory"] = memory(args.memory_batches, args.mini_batch_size, args.max_length)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
 
 
