@@ -367,9 +367,7 @@ class Trainer:
 
     def train(self) -> None:
         t = self.spec.training
-        window: list[
-            tuple[float, float, float]
-        ] = []  # (loss, accuracy, seconds) since the last log line
+        window: list = []  # (loss, accuracy, seconds) of the steps since the last log line
         while self.step < self.total_steps:
             self.sampler.set_epoch(self.epoch)
             data = EpochBatches(
@@ -385,8 +383,8 @@ class Trainer:
             # run would get other dropout masks than an uninterrupted one
             loader = torch.utils.data.DataLoader(data, batch_size=None, num_workers=min(2, os.cpu_count() or 1), prefetch_factor=2,
                                                  generator=torch.Generator().manual_seed(self.spec.mining.seed + self.epoch))  # fmt: skip
+            last_step_end = time.perf_counter()  # a step's time includes waiting for its batch
             for item in loader:
-                started = time.perf_counter()
                 loss, accuracy = compute_gradients(
                     self.student,
                     self.loss_fn,
@@ -407,7 +405,7 @@ class Trainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 self.step += 1
                 self.batch_in_epoch += 1
-                seconds = time.perf_counter() - started
+                seconds, last_step_end = time.perf_counter() - last_step_end, time.perf_counter()
                 self.metrics.observe_step(
                     self.step, loss, accuracy, lr, grad_norm, self.spec.mining.batch_size, seconds
                 )
@@ -480,7 +478,11 @@ def _fsync_tree(folder: str) -> None:
 
 
 def train_stage(job: B3Job, env: dict[str, str] | None = None) -> dict:
-    """Run (or skip, when its manifest matches) the train stage in this process."""
+    """Run (or skip, when its manifest matches) the train stage in this process.
+
+    Environment: torchrun's RANK/WORLD_SIZE/LOCAL_RANK; B3_METRICS_PORT serves metrics from
+    rank 0; B3_FAULT_AT_STEP=N SIGKILLs the process right after step N (fault injection, for
+    the resume tests)."""
     env = dict(os.environ) if env is None else env
     dist_env = Dist.from_env(env)
     port = int(env["B3_METRICS_PORT"]) if env.get("B3_METRICS_PORT") else None
