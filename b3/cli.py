@@ -1,5 +1,6 @@
 """The `b3` command: run mining stages from a B3Job manifest and inspect their output.
 
+    b3 run       job.yaml     rank, partition, train and eval in order; finished stages are skipped
     b3 validate  job.yaml     check a manifest, print the resolved spec
     b3 rank      job.yaml     teacher embeddings + top p+m positives per query
     b3 partition job.yaml     METIS communities of clusterSize rows
@@ -197,13 +198,14 @@ def eval_command(manifest: str, models: list[str], as_json: bool) -> int:
         candidates[name or path] = (path, t.pooling, t.max_length, prompts)
     results, by_config = {}, {}
     for name, config in candidates.items():
-        if config not in by_config:  # e.g. the untrained student is the teacher: embed once
-            model, pooling, max_length, model_prompts = config
+        model, pooling, max_length, model_prompts = config
+        key = (model, pooling, max_length, model_prompts and model_prompts.model_dump_json())
+        if key not in by_config:  # e.g. the untrained student is the teacher: embed once
             encoder = TextEncoder(
                 model, pooling=pooling, max_length=max_length, batch_size=spec.teacher.batch_size
             )
-            by_config[config] = evaluate_encoder(encoder, pairs, model_prompts)
-        results[name] = by_config[config]
+            by_config[key] = evaluate_encoder(encoder, pairs, model_prompts)
+        results[name] = by_config[key]
     report = {
         "split": spec.dataset.split.model_dump(by_alias=True),
         "dataset": spec.dataset.uri,
@@ -224,11 +226,40 @@ def eval_command(manifest: str, models: list[str], as_json: bool) -> int:
     return 0
 
 
+def run_command(manifest: str) -> int:
+    """Every stage of a job on this machine, in order, stopping at the first failure."""
+    import time
+
+    try:
+        job = load_manifest(manifest)
+    except SpecError as err:
+        print(f"run: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    steps = [("rank", lambda: run_stage("rank", manifest)), ("partition", lambda: run_stage("partition", manifest)),
+             ("train", lambda: train_command(manifest))]  # fmt: skip
+    if job.spec.dataset.split is not None:
+        steps.append(("eval", lambda: eval_command(manifest, [], as_json=False)))
+    timings = []
+    for name, step in steps:
+        started = time.time()
+        code = step()
+        timings.append((name, time.time() - started, code))
+        if code != 0:
+            break
+    print(f"run {job.name}: " + ", ".join(f"{name} {seconds:.1f}s" + ("" if code == 0 else f" (exit {code})")
+                                         for name, seconds, code in timings))  # fmt: skip
+    if timings[-1][2] != 0:
+        return timings[-1][2]
+    print(f"  model: {os.path.join(job.spec.work_dir, 'train', 'final', 'model')}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="b3", description="B3 smart batch mining.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, text in [
+        ("run", "run rank, partition, train and eval in order (finished stages are skipped)"),
         ("validate", "check a manifest and print the resolved spec"),
         ("rank", "embed with the teacher and rank positives per query"),
         ("partition", "partition the rank graph into communities with METIS"),
@@ -274,6 +305,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_stage(args.command, args.manifest)
     if args.command == "train":
         return train_command(args.manifest)
+    if args.command == "run":
+        return run_command(args.manifest)
     if args.command == "eval":
         return eval_command(args.manifest, args.model, args.json)
     if args.command == "embed":

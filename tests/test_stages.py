@@ -195,3 +195,29 @@ def test_rank_stage_on_ray_workers_matches_in_process(tmp_path, tiny_spec, monke
         np.concatenate(b.column("scores").to_pylist()),
         atol=2e-3,
     )
+
+
+def test_b3_run_does_every_stage_then_skips_them(tmp_path, tiny_spec, capsys):
+    spec = {**tiny_spec, "dataset": {**tiny_spec["dataset"], "split": {"key": "source"}},
+            "training": {**tiny_spec["training"], "steps": 3, "lora": {"targetModules": ["query", "value"]}}}  # fmt: skip
+    manifest = write_manifest(tmp_path, spec)
+    assert run("run", manifest) == 0
+    out = capsys.readouterr().out
+    assert "rank: done" in out and "partition: done" in out and "train: done" in out
+    assert "student (trained)" in out and "run test-job: rank" in out
+    report = WorkDir(str(tmp_path / "work")).read_json("eval", "results.json")
+    assert report["split"]["key"] == "source" and set(report["models"]) == {
+        "teacher",
+        "student (untrained)",
+        "student (trained)",
+    }
+    assert run("run", manifest) == 0
+    assert capsys.readouterr().out.count("up to date") == 3  # rank, partition, train
+
+
+def test_b3_run_stops_at_the_first_failing_stage(tmp_path, tiny_spec, capsys):
+    pq.write_table(make_pairs(60).drop_columns(["task"]), tmp_path / "p.parquet")
+    spec = {**tiny_spec, "dataset": {**tiny_spec["dataset"], "uri": str(tmp_path / "p.parquet")}}
+    assert run("run", write_manifest(tmp_path, spec)) == 2
+    out = capsys.readouterr().out
+    assert "rank" in out and "(exit 2)" in out and "partition" not in out.split("run test-job:")[1]
