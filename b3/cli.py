@@ -105,11 +105,7 @@ def run_stage(name: str, manifest: str) -> int:
 
 def train_command(manifest: str) -> int:
     """One process trains here; several on this node go through torchrun's launcher."""
-    try:
-        job = load_manifest(manifest)
-    except SpecError as err:
-        print(f"train: {err}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    job = load_manifest(manifest)
     t = job.spec.training
     if t.nodes > 1:
         print("train: training.nodes > 1 runs on Kubernetes (one torchrun per node); locally use "
@@ -168,17 +164,10 @@ def eval_command(manifest: str, models: list[str], as_json: bool) -> int:
     from b3.storage import WorkDir
     from b3.teacher import TextEncoder
 
-    try:
-        job = load_manifest(manifest)
-        spec = job.spec
-        if spec.dataset.split is None:
-            raise DataError(
-                "dataset.split is not set, so there is no held-out split to evaluate on"
-            )
-        pairs = load_pairs(spec.dataset, min_rows=1, split="test")
-    except (SpecError, DataError) as err:
-        print(f"eval: {err}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    spec = load_manifest(manifest).spec
+    if spec.dataset.split is None:
+        raise DataError("dataset.split is not set, so there is no held-out split to evaluate on")
+    pairs = load_pairs(spec.dataset, min_rows=1, split="test")
     work = WorkDir(spec.work_dir)
     t = spec.training
     prompts = spec.dataset.prompts
@@ -230,11 +219,7 @@ def run_command(manifest: str) -> int:
     """Every stage of a job on this machine, in order, stopping at the first failure."""
     import time
 
-    try:
-        job = load_manifest(manifest)
-    except SpecError as err:
-        print(f"run: {err}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    job = load_manifest(manifest)
     steps = [("rank", lambda: run_stage("rank", manifest)), ("partition", lambda: run_stage("partition", manifest)),
              ("train", lambda: train_command(manifest))]  # fmt: skip
     if job.spec.dataset.split is not None:
@@ -302,7 +287,15 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(spec_openapi_schema(), indent=2))
         return 0
     if args.command in ("rank", "partition"):
-        return run_stage(args.command, args.manifest)
+        return run_stage(args.command, args.manifest)  # writes the termination log itself
+    try:  # bad input is refused here, once, for every command
+        return _dispatch(args)
+    except (SpecError, DataError) as err:
+        print(f"{args.command}: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "train":
         return train_command(args.manifest)
     if args.command == "run":
@@ -311,17 +304,13 @@ def main(argv: list[str] | None = None) -> int:
         return eval_command(args.manifest, args.model, args.json)
     if args.command == "embed":
         return embed_command(args.model, args.input, args.output, args.batch_size, args.max_length)
-    try:
-        job = load_manifest(args.manifest)
-        if args.command == "validate":
-            print(json.dumps({"name": job.name, "spec": spec_to_dict(job.spec)}, indent=2))
-            return 0
-        from b3.stages import inspect_stage
+    job = load_manifest(args.manifest)
+    if args.command == "validate":
+        print(json.dumps({"name": job.name, "spec": spec_to_dict(job.spec)}, indent=2))
+        return 0
+    from b3.stages import inspect_stage
 
-        result = inspect_stage(job, top_k=args.top_k, epoch=args.epoch)
-    except (SpecError, DataError) as err:
-        print(f"{args.command}: {err}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    result = inspect_stage(job, top_k=args.top_k, epoch=args.epoch)
     if args.json:
         print(json.dumps(result, indent=2))
     else:

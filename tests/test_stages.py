@@ -221,3 +221,20 @@ def test_b3_run_stops_at_the_first_failing_stage(tmp_path, tiny_spec, capsys):
     assert run("run", write_manifest(tmp_path, spec)) == 2
     out = capsys.readouterr().out
     assert "rank" in out and "(exit 2)" in out and "partition" not in out.split("run test-job:")[1]
+
+
+def test_every_command_refuses_bad_input_with_exit_2(tmp_path, tiny_spec, capsys):
+    no_split = write_manifest(tmp_path, tiny_spec, "nosplit")
+    assert run("eval", no_split) == 2
+    assert "eval: dataset.split is not set" in capsys.readouterr().err
+    multi_node = write_manifest(
+        tmp_path, {**tiny_spec, "training": {**tiny_spec["training"], "nodes": 2}}, "multinode"
+    )
+    assert run("train", multi_node) == 2
+    assert "training.nodes > 1 runs on Kubernetes" in capsys.readouterr().err
+    bad = write_manifest(
+        tmp_path, {**tiny_spec, "mining": {"clusterSize": 3, "batchSize": 16}}, "bad"
+    )
+    for command in ("run", "train", "eval", "validate", "inspect"):
+        assert run(command, bad) == 2
+        assert f"{command}: invalid B3Job" in capsys.readouterr().err
