@@ -238,3 +238,32 @@ def test_every_command_refuses_bad_input_with_exit_2(tmp_path, tiny_spec, capsys
     for command in ("run", "train", "eval", "validate", "inspect"):
         assert run(command, bad) == 2
         assert f"{command}: invalid B3Job" in capsys.readouterr().err
+
+
+def test_held_out_rows_never_reach_the_mining_artifacts(tmp_path, tiny_spec, pairs_path):
+    import pyarrow.parquet as pq_
+
+    from b3.data import split_bucket
+
+    spec = {
+        **tiny_spec,
+        "dataset": {**tiny_spec["dataset"], "split": {"key": "source", "buckets": 4}},
+    }
+    manifest = write_manifest(tmp_path, spec)
+    assert run("rank", manifest) == 0 and run("partition", manifest) == 0
+    table = pq_.read_table(pairs_path)
+    held_out = set(
+        np.asarray(table.column("id").to_pylist())[
+            split_bucket(table.column("source").to_pylist(), 4) == 0
+        ]
+    )
+    assert held_out  # the fixture has test rows
+    work = WorkDir(str(tmp_path / "work"))
+    topk = work.read_parquet("rank", "topk.parquet")
+    clusters = work.read_parquet("partition", "clusters.parquet")
+    emb = work.read_arrow("rank", "embeddings.arrow")
+    for artifact in (topk, clusters, emb):
+        ids = set(artifact.column("id").to_pylist())
+        assert not ids & held_out and len(ids) == 240 - len(held_out)
+    rows_ranked = np.concatenate(topk.column("neighbors").to_pylist())
+    assert rows_ranked.max() < topk.num_rows  # neighbours index training rows only
