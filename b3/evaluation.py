@@ -25,7 +25,7 @@ def relevant_ranks(
     """(n,) 1-based rank of each query's relevant document among all corpus documents."""
     q = torch.as_tensor(query_emb, dtype=torch.float32)
     c = torch.as_tensor(corpus_emb, dtype=torch.float32)
-    rel = torch.as_tensor(relevant, dtype=torch.int64)
+    rel = torch.as_tensor(np.array(relevant), dtype=torch.int64)  # a copy: Arrow arrays are read-only
     ranks = torch.empty(len(q), dtype=torch.int64)
     for start in range(0, len(q), block):
         scores = q[start : start + block] @ c.T  # (b, c)
