@@ -25,6 +25,7 @@ import sys
 from collections.abc import Callable
 
 from b3.data import EXIT_BAD_INPUT, DataError
+from b3.errors import TrainingError
 from b3.spec import SpecError, load_manifest, spec_openapi_schema, spec_to_dict
 
 log = logging.getLogger("b3")
@@ -88,8 +89,6 @@ def _stage_runner(name: str) -> Callable:
 
 def run_stage(name: str, manifest: str) -> int:
     """Run one stage from a manifest with the exit-code contract above."""
-    from b3.train import TrainingError
-
     try:
         job = load_manifest(manifest)
         record = _stage_runner(name)(job)
@@ -126,15 +125,14 @@ def embed_command(
     """Embed one text per line of `input_path` with a trained (or any) model; save .npy."""
     import numpy as np
 
-    from b3.teacher import TextEncoder
+    from b3.teacher import ST_POOLING_KEYS, TextEncoder
 
     pooling = "mean"
     pooling_config = os.path.join(model, "1_Pooling", "config.json")
     if os.path.exists(pooling_config):
         with open(pooling_config) as f:
             modes = json.load(f)
-        pooling = next((name for name, key in [("cls", "pooling_mode_cls_token"), ("last_token", "pooling_mode_lasttoken")]
-                        if modes.get(key)), "mean")  # fmt: skip
+        pooling = next((name for name, key in ST_POOLING_KEYS.items() if modes.get(key)), "mean")
     with open(input_path) if input_path != "-" else sys.stdin as f:
         texts = [line.rstrip("\n") for line in f if line.strip()]
     if not texts:

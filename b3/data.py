@@ -53,6 +53,16 @@ class Pairs:
         return len(self.ids)
 
 
+def unique_texts(texts) -> tuple[np.ndarray, np.ndarray]:
+    """Distinct texts (first-seen order, object array) and each row's index into them.
+
+    Arrow dictionary encoding, not np.unique(texts.astype(str)): that pads every text to the
+    longest one (20 GB for the Debian set's 81k-character outlier)."""
+    encoded = pc.dictionary_encode(pa.array(list(texts), pa.large_string()))
+    unique = np.asarray(encoded.dictionary.to_pylist(), dtype=object)
+    return unique, encoded.indices.to_numpy().astype(np.int64)
+
+
 def split_bucket(keys: list[str], buckets: int) -> np.ndarray:
     """Bucket of each key: int(md5(key)[:8], 16) % buckets (stable across processes)."""
     return np.fromiter(
@@ -178,13 +188,12 @@ def load_pairs(spec: DatasetSpec, min_rows: int, split: str = "train") -> Pairs:
             f"dataset {spec.uri}: {len(ids)} {split} rows, fewer than one batch "
             f"(mining.batchSize = {min_rows})"
         )
-    groups = pc.dictionary_encode(pa.array(positives, pa.string())).indices
     return Pairs(
         ids=ids,
         queries=queries,
         positives=positives,
         tasks=tasks,
-        positive_group=groups.to_numpy().astype(np.int64),
+        positive_group=unique_texts(positives)[1],
         source_fingerprint=fingerprint(
             file_fp, spec.columns.model_dump(), spec.split and spec.split.model_dump(), split
         ),

@@ -11,11 +11,9 @@ Recall@k = [r <= k],  MRR@10 = 1 / r if r <= 10 else 0; each averaged over queri
 from __future__ import annotations
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
 import torch
 
-from b3.data import Pairs
+from b3.data import Pairs, unique_texts
 from b3.spec import PromptsSpec
 
 
@@ -25,7 +23,9 @@ def relevant_ranks(
     """(n,) 1-based rank of each query's relevant document among all corpus documents."""
     q = torch.as_tensor(query_emb, dtype=torch.float32)
     c = torch.as_tensor(corpus_emb, dtype=torch.float32)
-    rel = torch.as_tensor(np.array(relevant), dtype=torch.int64)  # a copy: Arrow arrays are read-only
+    rel = torch.as_tensor(
+        np.array(relevant), dtype=torch.int64
+    )  # a copy: Arrow arrays are read-only
     ranks = torch.empty(len(q), dtype=torch.int64)
     for start in range(0, len(q), block):
         scores = q[start : start + block] @ c.T  # (b, c)
@@ -48,8 +48,8 @@ def metrics_from_ranks(ranks: np.ndarray) -> dict[str, float]:
 
 def evaluate_encoder(encoder, pairs: Pairs, prompts: PromptsSpec | None = None) -> dict[str, float]:
     """Metrics of one encoder (anything with .encode(texts, desc)) on a split's pairs."""
-    encoded = pc.dictionary_encode(pa.array(list(pairs.positives), pa.large_string()))
-    corpus, relevant = encoded.dictionary.to_pylist(), encoded.indices.to_numpy()
+    unique, relevant = unique_texts(pairs.positives)
+    corpus = unique.tolist()
     queries = list(pairs.queries)
     if prompts is not None:
         queries = [prompts.for_task(t)[0] + q for t, q in zip(pairs.tasks, queries, strict=True)]

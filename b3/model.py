@@ -18,7 +18,7 @@ from torch import nn
 from transformers import AutoModel, AutoTokenizer
 
 from b3.spec import LoraSpec
-from b3.teacher import pool, resolve_model_path
+from b3.teacher import ST_POOLING_KEYS, pool, resolve_model_path
 
 
 class EmbeddingModel(nn.Module):
@@ -90,13 +90,6 @@ def build_student(
     return EmbeddingModel(backbone, tokenizer, pooling, max_length)
 
 
-_ST_POOLING = {
-    "mean": "pooling_mode_mean_tokens",
-    "cls": "pooling_mode_cls_token",
-    "last_token": "pooling_mode_lasttoken",
-}
-
-
 def export_sentence_transformer(student: EmbeddingModel, folder: str) -> None:
     """Write a merged model folder: transformers weights + tokenizer + sentence-transformers
     modules (Transformer -> Pooling -> Normalize), so `SentenceTransformer(folder)` embeds
@@ -109,8 +102,8 @@ def export_sentence_transformer(student: EmbeddingModel, folder: str) -> None:
     backbone.save_pretrained(folder)
     student.tokenizer.save_pretrained(folder)
     dim = backbone.config.hidden_size
-    pooling = {key: False for key in _ST_POOLING.values()}
-    pooling[_ST_POOLING[student.pooling]] = True
+    pooling = {key: False for key in ST_POOLING_KEYS.values()}
+    pooling[ST_POOLING_KEYS[student.pooling]] = True
     files = {
         "modules.json": [
             {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},

@@ -12,11 +12,10 @@ import logging
 import os
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
 import torch
 from transformers import AutoModel, AutoTokenizer
 
+from b3.data import unique_texts
 from b3.progress import progress
 from b3.raycluster import ensure_ray, use_ray
 
@@ -56,6 +55,14 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.float32
     return getattr(torch, dtype)
+
+
+# our pooling names -> the flags of a sentence-transformers 1_Pooling/config.json
+ST_POOLING_KEYS = {
+    "mean": "pooling_mode_mean_tokens",
+    "cls": "pooling_mode_cls_token",
+    "last_token": "pooling_mode_lasttoken",
+}
 
 
 def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor:
@@ -151,9 +158,7 @@ def embed_texts(
     One worker and no RAY_ADDRESS: in this process. Otherwise the distinct texts are split
     into `workers` shards, each embedded by a Ray task holding its own copy of the model.
     """
-    # Arrow dedup, not np.unique(texts.astype(str)): that pads every text to the longest one
-    encoded = pc.dictionary_encode(pa.array(list(texts), pa.large_string()))
-    unique, inverse = encoded.dictionary.to_numpy(zero_copy_only=False), encoded.indices.to_numpy()
+    unique, inverse = unique_texts(texts)
     args = (spec.model, spec.pooling, spec.max_length, spec.batch_size, spec.dtype, spec.device)
     if not use_ray(workers):
         return TextEncoder(*args).encode(unique.tolist(), desc=desc)[inverse]

@@ -33,6 +33,7 @@ from transformers import get_linear_schedule_with_warmup
 
 from b3.batches import B3BatchSampler, HardNegativeSampler, RandomBatchSampler
 from b3.data import DataError, load_pairs
+from b3.errors import TrainingError
 from b3.loss import CachedInfoNCELoss, InfoNCELoss
 from b3.metrics import TrainMetrics
 from b3.model import EmbeddingModel, build_student, export_sentence_transformer
@@ -43,10 +44,6 @@ from b3.storage import WorkDir, fingerprint
 log = logging.getLogger("b3.train")
 
 TRAIN_VERSION = 1
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on (e.g. the loss is not finite); the last good checkpoint stays."""
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,6 @@
+"""Errors the stage programs turn into exit codes without importing the stages themselves."""
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. the loss is not finite); the last good checkpoint stays.
+    Exit code 1, with the message in the pod's termination log."""
