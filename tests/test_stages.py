@@ -267,3 +267,31 @@ def test_held_out_rows_never_reach_the_mining_artifacts(tmp_path, tiny_spec, pai
         assert not ids & held_out and len(ids) == 240 - len(held_out)
     rows_ranked = np.concatenate(topk.column("neighbors").to_pylist())
     assert rows_ranked.max() < topk.num_rows  # neighbours index training rows only
+
+
+def test_b3_run_killed_in_training_finishes_on_the_next_run(tmp_path, tiny_spec):
+    """SIGKILL `b3 run` right after training step 6 (checkpoints every 4): the next `b3 run`
+    skips rank and partition, resumes training from step 4 and evaluates."""
+    spec = {**tiny_spec, "dataset": {**tiny_spec["dataset"], "split": {"key": "source"}},
+            "training": {**tiny_spec["training"], "steps": 10, "checkpointEvery": 4,
+                         "lora": {"targetModules": ["query", "value"]}}}  # fmt: skip
+    manifest = str(write_manifest(tmp_path, spec))
+
+    def b3_run(**env) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "b3.cli", "run", manifest], capture_output=True,
+                              text=True, env={**os.environ, **env}, timeout=600)  # fmt: skip
+
+    killed = b3_run(B3_FAULT_AT_STEP="6")
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    work = WorkDir(str(tmp_path / "work"))
+    assert work.exists("train", "checkpoints", "step-0000004", "trainer_state.pt")
+    assert not work.exists("train", "manifest.json") and not work.exists("eval", "results.json")
+
+    finished = b3_run()
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    out, logs = finished.stdout, finished.stderr
+    assert "rank: up to date" in out and "partition: up to date" in out
+    assert "resumed from" in logs and "step-0000004" in logs
+    assert "train: done" in out and "student (trained)" in out
+    assert work.read_json("train", "manifest.json")["summary"]["steps"] == 10
+    assert "student (trained)" in work.read_json("eval", "results.json")["models"]
