@@ -40,7 +40,7 @@ def load_texts(n: int, seed: int = 0) -> tuple[list[str], list[str]]:
     import numpy as np
     import pyarrow.parquet as pq
 
-    path = DATA if DATA.exists() else ROOT / "examples" / "quickstart" / "pairs.parquet"
+    path = DATA if DATA.exists() else ROOT / "examples" / "data" / "debian-2k.parquet"
     table = pq.read_table(path, columns=["query", "positive"])
     rows = np.random.default_rng(seed).permutation(table.num_rows)[:n]
     return [table["query"][int(i)].as_py() for i in rows], [
