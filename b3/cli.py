@@ -64,12 +64,16 @@ def _print_inspect(result: dict) -> None:
     print(
         f"batch hardness, |B|={result['batch_size']}, top-K={result['top_k']} (teacher cosine, higher = harder)"
     )
-    print(f"  {'batches':<18}{'count':>7}{'top-K neg':>11}{'top-1 neg':>11}{'mean neg':>10}")
+    print(f"  {'batches':<18}{'count':>7}{'top-K neg':>11}{'top-1 neg':>11}{'mean neg':>10}"
+          f"{'neg > pos':>11}")  # fmt: skip
     for name, row in result["batches"].items():
         print(
             f"  {name:<18}{row['count']:>7}{row['topk_negative']:>11.4f}"
-            f"{row['top1_negative']:>11.4f}{row['mean_negative']:>10.4f}"
+            f"{row['top1_negative']:>11.4f}{row['mean_negative']:>10.4f}{row['above_positive']:>11.2%}"
         )
+    print(
+        "  (neg > pos: queries with an in-batch negative the teacher scores above their positive)"
+    )
     print(
         f"  b3 / random (top-K): {result['hardness_ratio_vs_random']:.2f}x; "
         f"b3 / random same task: {result['hardness_ratio_vs_random_same_task']:.2f}x"

@@ -8,7 +8,12 @@ The B3 paper bounds the contrastive loss through the top-K in-batch negatives of
 
 where s is the cosine similarity and "positive of i" covers i's own positive and any row
 with the identical positive text. Larger is harder. We also report the hardest (top-1)
-negative and the mean negative, for context.
+negative and the mean negative, for context, and how often a negative looks like a false one:
+
+    above_positive = share of queries i with some in-batch negative j with s(q_i, d_j) > s(q_i, d_i)
+
+(the teacher prefers another row's positive to the query's own; the rule GISTEmbed uses to drop
+likely false negatives).
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ def batch_hardness(
     p_all = torch.as_tensor(positive_emb, dtype=torch.float32)
     g_all = torch.as_tensor(np.array(positive_group))  # a copy: Arrow-backed arrays are read-only
     topk_sum = top1_sum = mean_sum = 0.0
+    above_queries = above_count = 0
     queries = 0
     for batch in batches:
         idx = torch.as_tensor(np.asarray(batch, dtype=np.int64))
@@ -46,7 +52,11 @@ def batch_hardness(
         s = q_all[idx] @ p_all[idx].T  # (b, b) query x positive
         same = g_all[idx][:, None] == g_all[idx][None, :]  # (b, b) positives of the query
         negatives = (~same).sum(1)  # (b,)
+        own = (q_all[idx] * p_all[idx]).sum(1, keepdim=True)  # (b, 1) s(q_i, d_i)
         s = s.masked_fill(same, -torch.inf)
+        above = (s > own).sum(1)
+        above_queries += int((above > 0).sum())
+        above_count += int(above.sum())
         k = max(1, min(top_k, int(negatives.min())))
         keep = negatives > 0  # a batch of one positive text has no negatives
         if not keep.any():
@@ -63,6 +73,8 @@ def batch_hardness(
         "topk_negative": topk_sum / queries,
         "top1_negative": top1_sum / queries,
         "mean_negative": mean_sum / queries,
+        "above_positive": above_queries / queries,
+        "above_positive_per_query": above_count / queries,
         "queries": queries,
         "top_k": top_k,
     }

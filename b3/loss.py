@@ -56,7 +56,9 @@ class InfoNCELoss(nn.Module):
 
     Inputs:
         queries (b, d), positives (b, d), hard_negatives (n_h, d) or None,
-        groups (b,) positive-text ids or None, hard_groups (n_h,) or None.
+        groups (b,) positive-text ids or None, hard_groups (n_h,) or None,
+        mask (b, B + n_h) bool or None: more columns that are not negatives of a query (likely
+        false negatives; `b3.false_negatives`), in gathered column order.
 
     Recommendations: feed it `B3BatchSampler` batches; `HardNegativeSampler` for B3++.
 
@@ -75,10 +77,10 @@ class InfoNCELoss(nn.Module):
         self.last_accuracy = torch.tensor(0.0)
 
     def forward(
-        self, queries, positives, hard_negatives=None, groups=None, hard_groups=None
+        self, queries, positives, hard_negatives=None, groups=None, hard_groups=None, mask=None
     ) -> torch.Tensor:
         return self.compute_loss_from_embeddings(
-            queries, positives, hard_negatives, groups, hard_groups
+            queries, positives, hard_negatives, groups, hard_groups, mask
         )
 
     def compute_loss_from_embeddings(
@@ -88,6 +90,7 @@ class InfoNCELoss(nn.Module):
         h: torch.Tensor | None = None,
         groups: torch.Tensor | None = None,
         hard_groups: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         b = q.shape[0]
         rank, world = _world() if self.gather_across_devices else (0, 1)
@@ -110,6 +113,8 @@ class InfoNCELoss(nn.Module):
         labels = torch.arange(b, device=q.device) + rank * b  # (b,) own positive's column
         logits = self.scale * q @ columns.T  # (b, B + H)
         false_negative = col_groups[None, :] == groups[:, None]  # (b, B + H) same positive text
+        if mask is not None:
+            false_negative |= mask
         false_negative[torch.arange(b), labels] = False
         logits = logits.masked_fill(false_negative, -torch.inf)
         loss = F.cross_entropy(logits, labels)
@@ -184,6 +189,7 @@ class CachedInfoNCELoss:
         hard_inputs: dict[str, torch.Tensor] | None = None,
         groups: torch.Tensor | None = None,
         hard_groups: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Run steps 1-3, leaving parameter gradients in place; returns the (detached) loss."""
         parts = [query_inputs, positive_inputs] + ([hard_inputs] if hard_inputs is not None else [])
@@ -206,6 +212,7 @@ class CachedInfoNCELoss:
             embedded[2] if hard_inputs is not None else None,
             groups,
             hard_groups,
+            mask,
         )
         loss.backward()
         # 3. re-embed each chunk with a graph and push the cached gradient through the encoder

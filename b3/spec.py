@@ -246,6 +246,11 @@ class TrainingSpec(_Model):
     sampler: Literal["b3", "random"] = Field(
         "b3", description="b3: mined batches; random: the baseline with the same batch size."
     )
+    false_negatives: Literal["none", "top-p", "teacher"] = Field(
+        "none",
+        description="Mask likely false negatives in the loss: none; top-p (each query's teacher "
+        "top-p ranked positives); teacher (columns the teacher scores above the query's positive).",
+    )
     temperature: float = Field(0.02, gt=0, le=10, description="InfoNCE temperature (scale = 1/t).")
     learning_rate: float = Field(1e-4, gt=0, le=1, description="Peak AdamW learning rate.")
     warmup_ratio: float = Field(0.1, ge=0, lt=1, description="Share of steps spent warming up.")

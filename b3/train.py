@@ -34,11 +34,12 @@ from transformers import get_linear_schedule_with_warmup
 from b3.batches import B3BatchSampler, HardNegativeSampler, RandomBatchSampler
 from b3.data import DataError, load_pairs
 from b3.errors import TrainingError
+from b3.false_negatives import TeacherScoreFilter, TopPFilter
 from b3.loss import CachedInfoNCELoss, InfoNCELoss
 from b3.metrics import TrainMetrics
 from b3.model import EmbeddingModel, build_student, export_sentence_transformer
 from b3.spec import B3Job, spec_to_dict
-from b3.stages import read_topk, require_stage
+from b3.stages import read_embeddings, read_topk, require_stage
 from b3.storage import WorkDir, fingerprint
 
 log = logging.getLogger("b3.train")
@@ -79,8 +80,10 @@ class EpochBatches(torch.utils.data.Dataset):
         epoch: int,
         start: int,
         tokenize,
+        false_negatives=None,
     ):
         self.batches = sampler.batches(epoch)[start:]
+        self.false_negatives = false_negatives
         self.sampler, self.hard = sampler, hard
         self.queries, self.positives = texts
         self.positive_group = positive_group
@@ -99,9 +102,15 @@ class EpochBatches(torch.utils.data.Dataset):
             "groups": torch.as_tensor(self.positive_group[rows]),
         }
         if self.hard is not None:
-            negs = self.sampler.local(self.hard.sample(batch, self.epoch, self.start + i))
+            hard_rows = self.hard.sample(batch, self.epoch, self.start + i)
+            negs = self.sampler.local(hard_rows)
             item["hard"] = self.tokenize([self.positives[r] for r in negs])
             item["hard_groups"] = torch.as_tensor(self.positive_group[negs])
+        if self.false_negatives is not None:  # against the gathered columns: batch, then hard
+            columns = (
+                np.concatenate([batch, hard_rows]) if self.hard is not None else np.asarray(batch)
+            )
+            item["mask"] = torch.as_tensor(self.false_negatives.mask(np.asarray(rows), columns))
         return item
 
 
@@ -135,17 +144,17 @@ def compute_gradients(
 ) -> tuple[float, float]:
     """Forward and backward for one global batch (this process's slice); returns the global
     mean loss and in-batch accuracy. Parameter gradients are left averaged over processes."""
-    hard, hard_groups = item.get("hard"), item.get("hard_groups")
+    hard, hard_groups, mask = item.get("hard"), item.get("hard_groups"), item.get("mask")
     if mini_batch_size is None:
         q = student(item["query"])  # (b, d)
         p = student(item["positive"])  # (b, d)
         h = student(hard) if hard is not None else None  # (h*b, d)
-        loss = loss_fn(q, p, h, item["groups"], hard_groups)
+        loss = loss_fn(q, p, h, item["groups"], hard_groups, mask)
         loss.backward()
         loss = loss.detach()
     else:
         loss = CachedInfoNCELoss(loss_fn, mini_batch_size).backward(
-            student, item["query"], item["positive"], hard, item["groups"], hard_groups
+            student, item["query"], item["positive"], hard, item["groups"], hard_groups, mask
         )
     average_gradients([p for p in student.parameters() if p.requires_grad], world)
     stats = torch.stack([loss, loss_fn.last_accuracy]).float()
@@ -246,11 +255,19 @@ class Trainer:
             self.sampler = B3BatchSampler(clusters.column("cluster").to_numpy(), **common)
         else:
             self.sampler = RandomBatchSampler(len(groups), **common)
-        self.hard = None
-        if mining.hard_negatives > 0:
+        self.hard = self.false_negatives = None
+        rule = spec.training.false_negatives
+        if mining.hard_negatives > 0 or rule == "top-p":
             topk, neighbors = read_topk(self.work, ["skip", "window"])
-            self.hard = HardNegativeSampler(neighbors, topk.column("skip").to_numpy(), topk.column("window").to_numpy(),
+            skip = topk.column("skip").to_numpy()
+        if mining.hard_negatives > 0:
+            self.hard = HardNegativeSampler(neighbors, skip, topk.column("window").to_numpy(),
                                             self.positive_group, mining.hard_negatives, groups, mining.seed)  # fmt: skip
+        if rule == "top-p":
+            self.false_negatives = TopPFilter(neighbors, skip)
+        elif rule == "teacher":
+            require_stage(self.work, "rank", ["embeddings.arrow"])
+            self.false_negatives = TeacherScoreFilter(*read_embeddings(self.work))
         self.steps_per_epoch = len(self.sampler)
         t = spec.training
         self.total_steps = (
@@ -375,6 +392,7 @@ class Trainer:
                 self.epoch,
                 self.batch_in_epoch,
                 self.student.tokenize,
+                self.false_negatives,
             )
             # its own generator: creating a loader must not draw from the global RNG, or a resumed
             # run would get other dropout masks than an uninterrupted one

@@ -8,6 +8,9 @@ and evaluate it (nDCG@10, R@1/10, MRR@10 on the held-out source packages):
     random-same-task  random batches drawn within one task (B3's task purity without the mining)
     b3++ h=5          B3 batches plus 5 mined hard negatives per member (at --hard-negative-batch)
 
+each optionally with a `training.falseNegatives` rule ("b3:teacher": mask the in-batch columns
+the teacher scores above the query's own positive; "b3:top-p": mask the query's top-p ranks)
+
 at every batch size in --batch-sizes. Every arm shares the rank and partition outputs:
 `minTaskSize` is pinned to the largest batch size so the mining groups do not change with |B|.
 Each finished training and evaluation is kept under --work, so an interrupted run continues.
@@ -77,15 +80,22 @@ def evaluate(model: str, job: B3Job, test_pairs, cache: Path) -> dict:
     return metrics
 
 
-def plan(batch_sizes: list[int], hard_negative_batch: int, hard_negatives: int) -> list[dict]:
-    """Arms in the order they run: the batch sizes in the order given, B3++ last."""
-    arms = [
-        {"arm": arm, "batch_size": b, "hard_negatives": 0} for b in batch_sizes for arm in SAMPLERS
-    ]
-    if hard_negatives:
-        arms.append({"arm": f"b3++ h={hard_negatives}", "batch_size": hard_negative_batch,
-                     "hard_negatives": hard_negatives})  # fmt: skip
-    return arms
+def plan(
+    names: list[str], batch_sizes: list[int], hard_negative_batch: int, hard_negatives: int
+) -> list[dict]:
+    """Arms in the order they run: every name at each batch size in turn, then the B3++ arms.
+
+    A name is a sampler arm or "b3++", optionally with a `training.falseNegatives` rule after a
+    colon ("b3:teacher")."""
+
+    def arm(name: str, batch_size: int, h: int) -> dict:
+        sampler, _, rule = name.partition(":")
+        return {"arm": name.replace("b3++", f"b3++ h={h}"), "sampler": "b3" if h else sampler,
+                "false_negatives": rule or "none", "batch_size": batch_size, "hard_negatives": h}  # fmt: skip
+
+    plain = [arm(n, b, 0) for b in batch_sizes for n in names if not n.startswith("b3++")]
+    plus = [arm(n, hard_negative_batch, hard_negatives) for n in names if n.startswith("b3++")]
+    return plain + plus
 
 
 def plot(results: dict, path: Path) -> None:
@@ -106,10 +116,11 @@ def plot(results: dict, path: Path) -> None:
         mean = np.array([np.mean(points[b]) for b in sizes])
         low = mean - np.array([min(points[b]) for b in sizes])
         high = np.array([max(points[b]) for b in sizes]) - mean
-        color, marker = styles["b3++" if arm.startswith("b3++") else arm]
+        sampler, _, rule = arm.partition(":")
+        color, marker = styles["b3++" if sampler.startswith("b3++") else sampler]
         ax.errorbar(sizes, mean, yerr=[low, high], color=color, marker=marker, capsize=3,
-                    markersize=10 if marker == "*" else 6, label=arm,
-                    linestyle="none" if len(sizes) == 1 else "-")  # fmt: skip
+                    markersize=10 if marker == "*" else 6, label=arm, alpha=0.55 if not rule else 1.0,
+                    linestyle="none" if len(sizes) == 1 else ("--" if not rule else "-"))  # fmt: skip
     ax.axhline(results["untrained"]["ndcg@10"], color="gray", linestyle="--", label="untrained")
     ax.set_xscale("log", base=2)
     sizes = sorted({run["batch_size"] for run in results["runs"]})
@@ -134,7 +145,9 @@ def main() -> None:
     parser.add_argument("--cluster-size", type=int, default=16, help="K; must divide every |B|")
     parser.add_argument("--hard-negatives", type=int, default=5, help="h of the B3++ arm (0: none)")
     parser.add_argument("--hard-negative-batch", type=int, default=64)
-    parser.add_argument("--arms", nargs="*", help="run only these arms (e.g. b3 random)")
+    parser.add_argument("--arms", nargs="+", default=[*SAMPLERS, "b3++"],
+                        help="sampler arms, each optionally with a training.falseNegatives rule: "
+                        "b3 random random-same-task b3++ b3:teacher random:top-p ...")  # fmt: skip
     parser.add_argument("--model", help="teacher and student (default: the manifest's)")
     parser.add_argument("--dataset", help="dataset URI (default: the manifest's)")
     parser.add_argument("--work", default=str(ROOT / "runs" / "b3-vs-random"))
@@ -157,8 +170,11 @@ def main() -> None:
                              **({"student": args.model} if args.model else {})})  # fmt: skip
     work = Path(args.work)
     test_pairs = load_pairs(base.spec.dataset, min_rows=1, split="test")
-    arms = [a for a in plan(args.batch_sizes, args.hard_negative_batch, args.hard_negatives)
-            if not args.arms or a["arm"].split()[0] in args.arms]  # fmt: skip
+    unknown = [a for a in args.arms if a.partition(":")[0] not in [*SAMPLERS, "b3++"]
+               or a.partition(":")[2] not in ("", "none", "top-p", "teacher")]  # fmt: skip
+    if unknown:
+        parser.error(f"unknown arms {unknown}")
+    arms = plan(args.arms, args.batch_sizes, args.hard_negative_batch, args.hard_negatives)
 
     started = time.time()
     out = Path(args.out)
@@ -194,12 +210,14 @@ def main() -> None:
             f"seed {seed}: rank {rank.get('seconds', 0):.0f}s, partition {partition.get('seconds', 0):.0f}s"
         )
         for a in arms:
-            name = f"{a['arm'].replace(' ', '').replace('=', '')}-{a['batch_size']}"
+            name = (
+                f"{a['arm'].replace(' ', '').replace('=', '').replace(':', '-')}-{a['batch_size']}"
+            )
             arm_work = work / f"seed{seed}" / name
             for stage in ("rank", "partition"):
                 link(work / f"seed{seed}" / "mining" / stage, arm_work / stage)
-            sampler, mix = SAMPLERS.get(a["arm"], ("b3", False))
-            job = variant(mining, arm_work, training={"sampler": sampler},
+            sampler, mix = SAMPLERS[a["sampler"]]
+            job = variant(mining, arm_work, training={"sampler": sampler, "false_negatives": a["false_negatives"]},
                           mining={"seed": seed, "batch_size": a["batch_size"], "mix_tasks": mix,
                                   "hard_negatives": a["hard_negatives"]})  # fmt: skip
             t0 = time.time()
@@ -213,7 +231,7 @@ def main() -> None:
             # after every arm, so an interrupted experiment still leaves its results
             out.with_suffix(".json").write_text(json.dumps(results, indent=2))
             plot(results, out.with_suffix(".png"))
-            print(f"  {a['arm']:<18} |B|={a['batch_size']:<4} nDCG@10 {metrics['ndcg@10']:.4f}  "
+            print(f"  {a['arm']:<24} |B|={a['batch_size']:<4} nDCG@10 {metrics['ndcg@10']:.4f}  "
                   f"R@1 {metrics['recall@1']:.4f}  train {train_seconds:.0f}s", flush=True)  # fmt: skip
 
     results["seconds"] = round(time.time() - started, 1)

@@ -33,6 +33,18 @@ def test_hardness_by_hand():
     ]
     assert result["mean_negative"] == pytest.approx(np.mean(mean_neg))
     assert result["queries"] == 4
+    # queries equal positives, so s(q_i, d_i) = 1 beats every negative: no false-negative suspects
+    assert result["above_positive"] == 0 and result["above_positive_per_query"] == 0
+
+
+def test_negatives_the_teacher_prefers_to_the_positive_are_counted():
+    angles = np.array([0.0, 0.2, 0.25, 2.0])
+    docs = np.stack([np.cos(angles), np.sin(angles)], axis=1)
+    queries = docs[[1, 1, 2, 3]]  # query 0 sits on row 1's positive; the others on their own
+    result = batch_hardness([[0, 1, 2, 3]], queries, docs, np.arange(4), top_k=1)
+    # query 0: negative 1 (s=1) and 2 beat its own positive (cos 0.2); no other query has one
+    assert result["above_positive"] == pytest.approx(1 / 4)
+    assert result["above_positive_per_query"] == pytest.approx(2 / 4)
 
 
 def test_harder_batches_score_higher_and_empty_input_is_refused():

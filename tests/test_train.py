@@ -226,3 +226,23 @@ def test_torchrun_two_processes_train_like_one(tmp_path, tiny_spec, tiny_model_n
         weights_only=False,
     )
     assert state["world_size"] == 2 and len(state["rng"]) == 2
+
+
+@pytest.mark.parametrize("rule", ["top-p", "teacher"])
+def test_false_negative_masks_reach_the_loss_in_gathered_column_order(mined, rule):
+    from b3.spec import load_manifest
+    from b3.train import Dist, EpochBatches, Trainer
+
+    manifest, work = mined(rule, steps=2, falseNegatives=rule)
+    # process 1 of 2: its queries against the whole global batch, then the hard negatives
+    trainer = Trainer(load_manifest(manifest), Dist(rank=1, world=2, local_rank=0))
+    trainer._setup_data()
+    data = EpochBatches(trainer.sampler, trainer.hard, trainer.texts, trainer.positive_group,
+                        0, 0, lambda texts: {"n": torch.tensor(len(texts))}, trainer.false_negatives)  # fmt: skip
+    batch = trainer.sampler.batches(0)[0]
+    hard = trainer.hard.sample(batch, 0, 0)
+    item = data[0]
+    expected = trainer.false_negatives.mask(batch[len(batch) // 2 :], np.concatenate([batch, hard]))
+    assert item["mask"].shape == (len(batch) // 2, len(batch) + len(hard))
+    assert item["mask"].numpy().tolist() == expected.tolist()
+    assert main(["train", manifest]) == 0
