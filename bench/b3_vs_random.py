@@ -118,27 +118,49 @@ def plot(results: dict, path: Path) -> None:
         high = np.array([max(points[b]) for b in sizes]) - mean
         sampler, _, rule = arm.partition(":")
         color, marker = styles["b3++" if sampler.startswith("b3++") else sampler]
+        line = {"": "-", "teacher": "--", "top-p": ":"}[rule]
         ax.errorbar(sizes, mean, yerr=[low, high], color=color, marker=marker, capsize=3,
-                    markersize=10 if marker == "*" else 6, label=arm, alpha=0.55 if not rule else 1.0,
-                    linestyle="none" if len(sizes) == 1 else ("--" if not rule else "-"))  # fmt: skip
+                    markersize=10 if marker == "*" else 6, label=arm, alpha=1.0 if not rule else 0.6,
+                    linestyle="none" if len(sizes) == 1 else line)  # fmt: skip
     ax.axhline(results["untrained"]["ndcg@10"], color="gray", linestyle="--", label="untrained")
     ax.set_xscale("log", base=2)
     sizes = sorted({run["batch_size"] for run in results["runs"]})
     ax.set_xticks(sizes, [str(b) for b in sizes])
     ax.set_xlabel("batch size |B|")
     ax.set_ylabel("nDCG@10 (test split)")
-    seeds = len(results["seeds"])
-    ax.set_title(f"{results['steps']} steps, {seeds} seed{'s' if seeds > 1 else ''}"
-                 + (" (bars: min-max)" if seeds > 1 else ""))  # fmt: skip
+    seeds = ", ".join(str(seed) for seed in results["seeds"])
+    ax.set_title(
+        f"{results['steps']} steps; seeds {seeds} (points: mean, bars: min-max)", fontsize=10
+    )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
 
+def merge(paths: list[str], out: Path) -> None:
+    """One results file from several runs of this script (same steps); a later file's run of the
+    same arm, batch size and seed replaces an earlier one's."""
+    parts = [json.loads(Path(p).read_text()) for p in paths]
+    if len({part["steps"] for part in parts}) > 1:
+        raise SystemExit(f"--merge: the files were trained for different steps: {paths}")
+    runs = {}
+    for part in parts:
+        for run in part["runs"]:
+            run.setdefault("false_negatives", "none")
+            runs[(run["arm"], run["batch_size"], run["seed"])] = run
+    results = {**parts[0], "seeds": sorted({seed for _, _, seed in runs}), "runs": list(runs.values()),
+               "seconds": sum(part.get("seconds", 0) for part in parts), "merged_from": paths}  # fmt: skip
+    out.with_suffix(".json").write_text(json.dumps(results, indent=2))
+    plot(results, out.with_suffix(".png"))
+    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.png')}: {len(runs)} runs")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("manifest", help="base B3Job (dataset with a split, teacher, student)")
+    parser.add_argument(
+        "manifest", nargs="?", help="base B3Job (dataset with a split, teacher, student)"
+    )
     parser.add_argument("--steps", type=int, default=500)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[64, 256, 32])
@@ -152,7 +174,14 @@ def main() -> None:
     parser.add_argument("--dataset", help="dataset URI (default: the manifest's)")
     parser.add_argument("--work", default=str(ROOT / "runs" / "b3-vs-random"))
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "b3_vs_random"))
+    parser.add_argument("--merge", nargs="+", metavar="JSON",
+                        help="no training: merge the runs of earlier results files into --out and plot them")  # fmt: skip
     args = parser.parse_args()
+    if args.merge:
+        merge(args.merge, Path(args.out))
+        return
+    if not args.manifest:
+        parser.error("a manifest is needed unless --merge is given")
 
     base = load_manifest(args.manifest)
     if base.spec.dataset.split is None:
