@@ -282,6 +282,76 @@ class TrainingSpec(_Model):
         return self.nodes * self.processes_per_node
 
 
+# --- Kubernetes: how the operator runs the stages (ignored by `b3 run`) -----------------
+
+# Free-form Kubernetes objects (resources, affinity, tolerations, env, volumes, ...) are kept
+# as given; the API server validates them when the operator creates the pods.
+K8sObject = dict[str, Any]
+
+
+class PodTemplateSpec(_Model):
+    image: str = Field(
+        "ghcr.io/b3-operator/worker:0.1.0",
+        min_length=1,
+        description="Worker image of every stage pod.",
+    )
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = Field(
+        "IfNotPresent", description="When the kubelet pulls the image."
+    )
+    image_pull_secrets: list[str] = Field(
+        default_factory=list, description="Secret names for the registry."
+    )
+    service_account_name: str | None = Field(
+        None, description="ServiceAccount of the stage pods (default: the namespace's default)."
+    )
+    priority_class_name: str | None = Field(None, description="PriorityClass of the stage pods.")
+    node_selector: dict[str, str] = Field(default_factory=dict, description="Node labels to match.")
+    tolerations: list[K8sObject] = Field(default_factory=list, description="Pod tolerations.")
+    affinity: K8sObject | None = Field(None, description="Pod affinity (core/v1 Affinity).")
+    env: list[K8sObject] = Field(
+        default_factory=list, description="Extra container env (secrets by valueFrom reference)."
+    )
+    env_from: list[K8sObject] = Field(
+        default_factory=list, description="ConfigMaps/Secrets as env."
+    )
+    volumes: list[K8sObject] = Field(
+        default_factory=list, description="Pod volumes, e.g. the PVC that holds workDir."
+    )
+    volume_mounts: list[K8sObject] = Field(default_factory=list, description="Container mounts.")
+    security_context: K8sObject | None = Field(
+        None,
+        description="Pod securityContext (default: non-root, uid 1000, RuntimeDefault seccomp).",
+    )
+
+
+class StagePolicySpec(_Model):
+    resources: K8sObject | None = Field(
+        None,
+        description="Container resources (default: rank 1 GPU, partition 2 CPU/8Gi, train "
+        "processesPerNode GPUs per node).",
+    )
+    backoff_limit: int = Field(2, ge=0, le=100, description="Pod retries before the stage fails.")
+    active_deadline_seconds: int | None = Field(
+        None, ge=1, description="Wall-clock limit of the stage's Job."
+    )
+
+
+class StagesSpec(_Model):
+    rank: StagePolicySpec = Field(default_factory=StagePolicySpec)
+    partition: StagePolicySpec = Field(default_factory=StagePolicySpec)
+    train: StagePolicySpec = Field(default_factory=StagePolicySpec)
+
+
+class RunPolicySpec(_Model):
+    ttl_seconds_after_finished: int | None = Field(
+        None, ge=0, description="Delete the B3Job's stage Jobs this long after it finishes."
+    )
+    queue_name: str | None = Field(
+        None, description="Kueue LocalQueue (label kueue.x-k8s.io/queue-name) for gang admission."
+    )
+    scheduler_name: str | None = Field(None, description="Pod scheduler, e.g. a gang scheduler.")
+
+
 # --- the whole job -----------------------------------------------------------------------
 
 
@@ -296,6 +366,19 @@ class B3JobSpec(_Model):
         min_length=1,
         description="Where stages write their artifacts: a path (a mounted volume on Kubernetes) "
         "or a URI (s3://bucket/prefix). Relative paths are resolved against the manifest's folder.",
+    )
+    suspend: bool = Field(
+        False, description="Suspend the running stage (its Job is suspended); false resumes it."
+    )
+    template: PodTemplateSpec = Field(
+        default_factory=PodTemplateSpec,
+        description="Pod settings of every stage (Kubernetes only).",
+    )
+    stages: StagesSpec = Field(
+        default_factory=StagesSpec, description="Per-stage resources and retries (Kubernetes only)."
+    )
+    run_policy: RunPolicySpec = Field(
+        default_factory=RunPolicySpec, description="Scheduling and cleanup (Kubernetes only)."
     )
 
     @model_validator(mode="after")
@@ -432,7 +515,7 @@ def spec_to_dict(spec: B3JobSpec) -> dict[str, Any]:
 _KEEP = {
     "type", "description", "default", "enum", "minimum", "maximum", "minLength", "maxLength",
     "minItems", "maxItems", "pattern", "format", "items", "properties", "required",
-    "additionalProperties", "nullable",
+    "additionalProperties", "nullable", "x-kubernetes-preserve-unknown-fields",
 }  # fmt: skip
 
 
@@ -462,11 +545,17 @@ def _structural(node: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
         elif key == "items":
             out["items"] = _structural(value, defs)
         elif key == "additionalProperties":
-            if isinstance(value, dict):  # a map; `false` (extra=forbid) is implied by pruning
+            if value is True:  # a free-form Kubernetes object (K8sObject): keep it as given
+                out["x-kubernetes-preserve-unknown-fields"] = True
+            elif isinstance(value, dict) and value:  # a map; `false` (extra=forbid) is pruning
                 out["additionalProperties"] = _structural(value, defs)
         elif key in _KEEP:
             out[key] = value
-    if "properties" in out or "additionalProperties" in out:
+    if (
+        "properties" in out
+        or "additionalProperties" in out
+        or "x-kubernetes-preserve-unknown-fields" in out
+    ):
         out["type"] = "object"
     if nullable:
         out["nullable"] = True

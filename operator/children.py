@@ -1,0 +1,258 @@
+"""Manifests of a B3Job's children: plain functions from the job to Kubernetes objects.
+
+Every child is named after the job (`<job>-spec`, `<job>-rank`, `<job>-partition`,
+`<job>-train`), labelled with `b3.dev/job` and `b3.dev/stage`, and owned by the B3Job
+(ownerReferences with controller=true), so deleting the job deletes them. Commands are in exec
+form; nothing from the spec is interpolated into a shell string.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import yaml
+
+from b3.spec import API_GROUP, API_VERSION, KIND, B3JobSpec, spec_to_dict
+
+MANAGED_BY = "b3-operator"
+JOB_LABEL = f"{API_GROUP}/job"
+STAGE_LABEL = f"{API_GROUP}/stage"
+KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+MANIFEST_DIR = "/etc/b3"
+MANIFEST_PATH = f"{MANIFEST_DIR}/job.yaml"
+CONTAINER = "stage"
+METRICS_PORT = 9400
+RDZV_PORT = 29400
+EXIT_BAD_INPUT = 2  # the stage programs' exit code for a bad manifest or dataset
+
+DEFAULT_POD_SECURITY = {
+    "runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 1000, "fsGroup": 1000,
+    "seccompProfile": {"type": "RuntimeDefault"},
+}  # fmt: skip
+CONTAINER_SECURITY = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
+DEFAULT_RESOURCES = {
+    "rank": {"limits": {"nvidia.com/gpu": 1}},
+    "partition": {"requests": {"cpu": "2", "memory": "8Gi"}, "limits": {"memory": "8Gi"}},
+}
+
+
+def child_name(job: str, stage: str) -> str:
+    return f"{job}-{stage}"
+
+
+def labels(job: str, stage: str | None = None) -> dict[str, str]:
+    out = {
+        "app.kubernetes.io/managed-by": MANAGED_BY,
+        "app.kubernetes.io/name": "b3job",
+        JOB_LABEL: job,
+    }
+    if stage:
+        out[STAGE_LABEL] = stage
+    return out
+
+
+def owner_reference(body: dict[str, Any]) -> dict[str, Any]:
+    meta = body["metadata"]
+    return {"apiVersion": f"{API_GROUP}/{API_VERSION}", "kind": KIND, "name": meta["name"],
+            "uid": meta["uid"], "controller": True, "blockOwnerDeletion": True}  # fmt: skip
+
+
+def _meta(body: dict[str, Any], name: str, stage: str | None) -> dict[str, Any]:
+    meta = body["metadata"]
+    return {"name": name, "namespace": meta.get("namespace", "default"),
+            "labels": labels(meta["name"], stage), "ownerReferences": [owner_reference(body)]}  # fmt: skip
+
+
+def spec_configmap(body: dict[str, Any], spec: B3JobSpec) -> dict[str, Any]:
+    """The resolved spec as the manifest every stage pod reads from /etc/b3/job.yaml."""
+    manifest = {"apiVersion": f"{API_GROUP}/{API_VERSION}", "kind": KIND,
+                "metadata": {"name": body["metadata"]["name"]}, "spec": spec_to_dict(spec)}  # fmt: skip
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _meta(body, child_name(body["metadata"]["name"], "spec"), None),
+        "data": {"job.yaml": yaml.safe_dump(manifest, sort_keys=False)},
+    }
+
+
+def _resources(spec: B3JobSpec, stage: str) -> dict[str, Any]:
+    given = getattr(spec.stages, stage).resources
+    if given is not None:
+        return copy.deepcopy(given)
+    if stage == "train":
+        return {"limits": {"nvidia.com/gpu": spec.training.processes_per_node}}
+    return copy.deepcopy(DEFAULT_RESOURCES[stage])
+
+
+def pod_spec(
+    body: dict[str, Any], spec: B3JobSpec, stage: str, command: list[str]
+) -> dict[str, Any]:
+    """One stage pod: the worker image running `command`, with the spec's pod settings."""
+    t = spec.template
+    job = body["metadata"]["name"]
+    env = [{"name": "B3_MANIFEST", "value": MANIFEST_PATH},
+           {"name": "B3_METRICS_PORT", "value": str(METRICS_PORT)},
+           {"name": "PYTHONUNBUFFERED", "value": "1"}, *copy.deepcopy(t.env)]  # fmt: skip
+    mounts = [{"name": "b3-spec", "mountPath": MANIFEST_DIR, "readOnly": True},
+              {"name": "dshm", "mountPath": "/dev/shm"}, *copy.deepcopy(t.volume_mounts)]  # fmt: skip
+    volumes = [{"name": "b3-spec", "configMap": {"name": child_name(job, "spec")}},
+               {"name": "dshm", "emptyDir": {"medium": "Memory"}}, *copy.deepcopy(t.volumes)]  # fmt: skip
+    container = {
+        "name": CONTAINER,
+        "image": t.image,
+        "imagePullPolicy": t.image_pull_policy,
+        "command": command,
+        "env": env,
+        "resources": _resources(spec, stage),
+        "volumeMounts": mounts,
+        "ports": [{"name": "metrics", "containerPort": METRICS_PORT}],
+        "securityContext": CONTAINER_SECURITY,
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    }
+    if t.env_from:
+        container["envFrom"] = copy.deepcopy(t.env_from)
+    pod: dict[str, Any] = {
+        "restartPolicy": "Never",
+        "containers": [container],
+        "volumes": volumes,
+        "securityContext": copy.deepcopy(t.security_context)
+        if t.security_context is not None
+        else DEFAULT_POD_SECURITY,
+        "enableServiceLinks": False,
+    }
+    optional = {
+        "serviceAccountName": t.service_account_name,
+        "priorityClassName": t.priority_class_name,
+        "schedulerName": spec.run_policy.scheduler_name,
+        "nodeSelector": dict(t.node_selector) or None,
+        "tolerations": copy.deepcopy(t.tolerations) or None,
+        "affinity": copy.deepcopy(t.affinity),
+        "imagePullSecrets": [{"name": s} for s in t.image_pull_secrets] or None,
+    }
+    pod.update({k: v for k, v in optional.items() if v is not None})
+    return pod
+
+
+def _pod_failure_policy() -> dict[str, Any]:
+    """Bad input (exit 2) fails the stage at once; evictions and preemptions are not failures."""
+    return {
+        "rules": [
+            {"action": "FailJob",
+             "onExitCodes": {"containerName": CONTAINER, "operator": "In", "values": [EXIT_BAD_INPUT]}},
+            {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+        ]
+    }  # fmt: skip
+
+
+def stage_job(
+    body: dict[str, Any], spec: B3JobSpec, stage: str, suspend: bool = False
+) -> dict[str, Any]:
+    """The batch/v1 Job of one stage (rank and partition: one pod; train: one pod per node)."""
+    job = body["metadata"]["name"]
+    name = child_name(job, stage)
+    policy = getattr(spec.stages, stage)
+    if stage == "train":
+        t = spec.training
+        command = ["torchrun", "--nnodes", str(t.nodes), "--nproc-per-node", str(t.processes_per_node),
+                   "--node-rank", "$(JOB_COMPLETION_INDEX)",  # expanded by the kubelet, not a shell
+                   "--rdzv-endpoint", f"{name}-0.{name}:{RDZV_PORT}",
+                   "-m", "b3_jobs.train", MANIFEST_PATH]  # fmt: skip
+    else:
+        command = ["python", "-m", f"b3_jobs.{stage}", MANIFEST_PATH]
+    pod = pod_spec(body, spec, stage, command)
+    meta = _meta(body, name, stage)
+    if spec.run_policy.queue_name:
+        meta["labels"][KUEUE_QUEUE_LABEL] = spec.run_policy.queue_name
+    job_spec: dict[str, Any] = {
+        "backoffLimit": policy.backoff_limit,
+        "podFailurePolicy": _pod_failure_policy(),
+        "suspend": suspend,
+        "template": {"metadata": {"labels": labels(job, stage)}, "spec": pod},
+    }
+    if stage == "train":
+        pod["subdomain"] = name  # pods resolve as <name>-<index>.<name>
+        pod["containers"][0]["ports"].append({"name": "rdzv", "containerPort": RDZV_PORT})
+        job_spec.update(
+            completionMode="Indexed",
+            completions=spec.training.nodes,
+            parallelism=spec.training.nodes,
+        )
+    if policy.active_deadline_seconds is not None:
+        job_spec["activeDeadlineSeconds"] = policy.active_deadline_seconds
+    if spec.run_policy.ttl_seconds_after_finished is not None:
+        job_spec["ttlSecondsAfterFinished"] = spec.run_policy.ttl_seconds_after_finished
+    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": meta, "spec": job_spec}
+
+
+def train_service(body: dict[str, Any]) -> dict[str, Any]:
+    """Headless Service that gives the training pods DNS names for torchrun's rendezvous."""
+    job = body["metadata"]["name"]
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _meta(body, child_name(job, "train"), "train"),
+        "spec": {
+            "clusterIP": "None",
+            "publishNotReadyAddresses": True,  # rendezvous happens before pods are Ready
+            "selector": labels(job, "train"),
+            "ports": [{"name": "rdzv", "port": RDZV_PORT, "targetPort": RDZV_PORT}],
+        },
+    }
+
+
+def rank_rayjob(body: dict[str, Any], spec: B3JobSpec, suspend: bool = False) -> dict[str, Any]:
+    """KubeRay RayJob for ranking with `rank.workers` Ray workers (a RayCluster per job)."""
+    job = body["metadata"]["name"]
+    name = child_name(job, "rank")
+
+    def group_pod() -> dict[str, Any]:
+        # the entrypoint runs on the head, the ranking tasks on the workers: all mount the
+        # spec, the dataset and workDir volumes
+        pod = pod_spec(body, spec, "rank", [])
+        container = pod["containers"][0]
+        del container["command"]  # KubeRay supplies `ray start`
+        container["name"] = "ray"
+        pod["restartPolicy"] = "Always"
+        return {"metadata": {"labels": labels(job, "rank")}, "spec": pod}
+
+    head = group_pod()
+    head["spec"]["containers"][0]["resources"] = {"requests": {"cpu": "2", "memory": "8Gi"}}
+    meta = _meta(body, name, "rank")
+    if spec.run_policy.queue_name:
+        meta["labels"][KUEUE_QUEUE_LABEL] = spec.run_policy.queue_name
+    rayjob: dict[str, Any] = {
+        "apiVersion": "ray.io/v1",
+        "kind": "RayJob",
+        "metadata": meta,
+        "spec": {
+            # a constant string (RayJob's entrypoint is one), nothing from the spec in it
+            "entrypoint": f"python -m b3_jobs.rank {MANIFEST_PATH}",
+            "shutdownAfterJobFinishes": True,
+            "suspend": suspend,
+            "backoffLimit": spec.stages.rank.backoff_limit,
+            "rayClusterSpec": {
+                "headGroupSpec": {"rayStartParams": {}, "template": head},
+                "workerGroupSpecs": [{
+                    "groupName": "rank", "replicas": spec.rank.workers, "minReplicas": spec.rank.workers,
+                    "maxReplicas": spec.rank.workers, "rayStartParams": {}, "template": group_pod(),
+                }],
+            },
+        },
+    }  # fmt: skip
+    if spec.stages.rank.active_deadline_seconds is not None:
+        rayjob["spec"]["activeDeadlineSeconds"] = spec.stages.rank.active_deadline_seconds
+    if spec.run_policy.ttl_seconds_after_finished is not None:
+        rayjob["spec"]["ttlSecondsAfterFinished"] = spec.run_policy.ttl_seconds_after_finished
+    return rayjob
+
+
+def stage_child(
+    body: dict[str, Any], spec: B3JobSpec, stage: str, suspend: bool = False
+) -> list[dict[str, Any]]:
+    """The objects that run one stage, in creation order."""
+    if stage == "rank" and spec.rank.workers > 1:
+        return [rank_rayjob(body, spec, suspend)]
+    if stage == "train":
+        return [train_service(body), stage_job(body, spec, "train", suspend)]
+    return [stage_job(body, spec, stage, suspend)]

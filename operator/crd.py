@@ -1,0 +1,178 @@
+"""The B3Job CustomResourceDefinition, generated from `b3.spec` (the one source of truth).
+
+    python -m b3_operator.crd > charts/b3-operator/crds/b3jobs.b3.dev.yaml
+
+`tests/test_operator_crd.py` fails when the chart's file drifts from this output.
+
+The structural schema comes from `spec_openapi_schema()`. What pydantic checks across fields is
+repeated here as CEL `x-kubernetes-validations`, so the API server refuses what `b3 validate`
+refuses (the tests run both on the same manifests). Spec sections get `default: {}` so the API
+server fills their defaults and the rules can read every field.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import yaml
+
+from b3.spec import API_GROUP, API_VERSION, KIND, spec_openapi_schema
+
+PLURAL = "b3jobs"
+SHORT_NAME = "b3j"
+PHASES = ["Pending", "Ranking", "Partitioning", "Training", "Succeeded", "Failed", "Suspended"]
+
+# (object path in the spec, CEL rule on that object, message); `self` is the object at the path
+CEL_RULES: list[tuple[str, str, str]] = [
+    ("dataset.split", "self.testBucket < self.buckets", "testBucket must be smaller than buckets"),
+    ("mining", "self.batchSize % self.clusterSize == 0", "clusterSize must divide batchSize"),
+    ("mining", "self.perTask || self.mixTasks",
+     "perTask false builds communities across tasks: set mixTasks true, or keep perTask true"),
+    ("training", "!(has(self.steps) && has(self.epochs))", "give steps or epochs, not both"),
+    ("", "self.mining.batchSize % (self.training.nodes * self.training.processesPerNode) == 0",
+     "mining.batchSize must be divisible by training.nodes x training.processesPerNode"),
+    ("", "!has(self.training.miniBatchSize) || self.training.miniBatchSize * "
+         "self.training.nodes * self.training.processesPerNode <= self.mining.batchSize",
+     "training.miniBatchSize must not exceed the per-process batch"),
+]  # fmt: skip
+
+# Everything but `suspend` and `runPolicy` is fixed once the job exists: a running job's
+# artifacts were computed from it. (A transition rule: it sees the old object as `oldSelf`.)
+MUTABLE = {"suspend", "runPolicy"}
+
+
+def _at(schema: dict[str, Any], path: str) -> dict[str, Any]:
+    for part in filter(None, path.split(".")):
+        schema = schema["properties"][part]
+    return schema
+
+
+def spec_schema() -> dict[str, Any]:
+    """The spec's structural schema with section defaults and CEL rules."""
+    schema = spec_openapi_schema()
+    for name, prop in schema["properties"].items():
+        section = prop.get("type") == "object" and "properties" in prop and not prop.get("nullable")
+        if section and name not in schema["required"]:
+            prop.setdefault("default", {})
+    for path, rule, message in CEL_RULES:
+        _at(schema, path).setdefault("x-kubernetes-validations", []).append(
+            {"rule": rule, "message": message}
+        )
+    fixed = sorted(set(schema["properties"]) - MUTABLE)
+    schema["x-kubernetes-validations"].append(
+        {
+            "rule": " && ".join(f"self.{f} == oldSelf.{f}" for f in fixed),
+            "message": "the spec cannot change after the B3Job is created, except suspend and runPolicy",
+        }
+    )
+    return schema
+
+
+def status_schema() -> dict[str, Any]:
+    time = {"type": "string", "format": "date-time"}
+    return {
+        "type": "object",
+        "x-kubernetes-preserve-unknown-fields": True,  # kopf keeps its own bookkeeping here
+        "properties": {
+            "phase": {"type": "string", "enum": PHASES},
+            "stage": {"type": "string"},
+            "progress": {"type": "string", "description": "finished stages / all stages"},
+            "message": {"type": "string"},
+            "observedGeneration": {"type": "integer", "format": "int64"},
+            "specHash": {"type": "string"},
+            "startTime": time,
+            "completionTime": time,
+            "stages": {
+                "type": "object",
+                "additionalProperties": {
+                    "type": "object",
+                    "properties": {
+                        "startTime": time,
+                        "completionTime": time,
+                        "child": {"type": "string"},
+                    },
+                },
+            },
+            "conditions": {
+                "type": "array",
+                "x-kubernetes-list-type": "map",
+                "x-kubernetes-list-map-keys": ["type"],
+                "items": {
+                    "type": "object",
+                    "required": ["type", "status"],
+                    "properties": {
+                        "type": {"type": "string"},
+                        "status": {"type": "string", "enum": ["True", "False", "Unknown"]},
+                        "reason": {"type": "string"},
+                        "message": {"type": "string"},
+                        "lastTransitionTime": time,
+                    },
+                },
+            },
+        },
+    }
+
+
+def crd_manifest() -> dict[str, Any]:
+    spec = spec_schema()
+    spec.setdefault("x-kubernetes-validations", [])
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {
+            "name": f"{PLURAL}.{API_GROUP}",
+            "labels": {
+                "app.kubernetes.io/name": "b3-operator",
+                "app.kubernetes.io/part-of": "b3-operator",
+            },
+        },
+        "spec": {
+            "group": API_GROUP,
+            "scope": "Namespaced",
+            "names": {
+                "kind": KIND,
+                "listKind": f"{KIND}List",
+                "plural": PLURAL,
+                "singular": KIND.lower(),
+                "shortNames": [SHORT_NAME],
+            },  # fmt: skip
+            "versions": [
+                {
+                    "name": API_VERSION,
+                    "served": True,
+                    "storage": True,
+                    "subresources": {"status": {}},
+                    "additionalPrinterColumns": [
+                        {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
+                        {"name": "Stage", "type": "string", "jsonPath": ".status.stage"},
+                        {"name": "Progress", "type": "string", "jsonPath": ".status.progress"},
+                        {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+                    ],
+                    "schema": {
+                        "openAPIV3Schema": {
+                            "type": "object",
+                            "description": "A B3 smart-batch-mining training job: rank, partition, train.",
+                            "required": ["spec"],
+                            "properties": {
+                                "apiVersion": {"type": "string"},
+                                "kind": {"type": "string"},
+                                "metadata": {"type": "object"},
+                                "spec": spec,
+                                "status": status_schema(),
+                            },
+                        }
+                    },
+                }
+            ],
+        },
+    }
+
+
+def render() -> str:
+    header = "# Generated by `python -m b3_operator.crd` from b3.spec: do not edit.\n"
+    return header + yaml.safe_dump(crd_manifest(), sort_keys=False, width=100)
+
+
+if __name__ == "__main__":
+    sys.stdout.write(render())

@@ -1,0 +1,293 @@
+"""The reconcile decision as a pure function: (B3Job, observed children) -> (actions, status).
+
+    plan(body, observed, now) -> Plan(actions, status, events)
+
+`body` is the B3Job as the API server returns it (metadata, spec, status); `observed` is what
+the operator found of its children, summarised by `job_state` / `rayjob_state`. The planner
+keeps no memory of its own: everything it needs is in the job's status and the children, so
+an operator restarted at any moment makes the same decision, and children are only created
+when absent (by deterministic names), so it never makes duplicates.
+
+Stages run in order: rank -> partition -> train. Each is one child (a Job, a RayJob for
+several ranking workers, or the training Service + Indexed Job); the next starts when the
+previous one's child has succeeded.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from b3.spec import SpecError, parse_spec
+from b3_operator import children
+
+STAGES = ["rank", "partition", "train"]
+STAGE_PHASE = {"rank": "Ranking", "partition": "Partitioning", "train": "Training"}
+TERMINAL = {"Succeeded", "Failed"}
+
+
+@dataclass(frozen=True)
+class ChildState:
+    """One stage's child as observed: state is Running, Suspended, Succeeded or Failed."""
+
+    kind: str
+    name: str
+    state: str
+    reason: str = ""
+    message: str = ""
+    completion_time: str | None = None
+
+
+@dataclass
+class Observed:
+    configmap: bool = False
+    stages: dict[str, ChildState] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Action:
+    """create: make `manifest`; suspend / resume: set spec.suspend of the child `kind/name`."""
+
+    verb: str
+    kind: str
+    name: str
+    manifest: dict[str, Any] | None = None
+
+
+@dataclass
+class Plan:
+    actions: list[Action]
+    status: dict[str, Any]
+    events: list[tuple[str, str, str]]  # (Normal | Warning, reason, message)
+
+
+# --- observing children -------------------------------------------------------------------
+
+
+def _condition(obj: dict[str, Any], kind: str) -> dict[str, Any] | None:
+    for c in (obj.get("status") or {}).get("conditions") or []:
+        if c.get("type") == kind and c.get("status") == "True":
+            return c
+    return None
+
+
+def termination_message(pods: list[dict[str, Any]]) -> str:
+    """The newest failed pod's termination message (the stage programs write their error there)."""
+    failed = []
+    for pod in pods:
+        for cs in (pod.get("status") or {}).get("containerStatuses") or []:
+            term = (cs.get("state") or {}).get("terminated") or {}
+            if term.get("exitCode", 0) != 0:
+                failed.append((term.get("finishedAt") or "", term.get("message") or ""))
+    failed.sort()
+    return failed[-1][1].strip() if failed else ""
+
+
+def job_state(job: dict[str, Any], pods: list[dict[str, Any]] = ()) -> ChildState:
+    """Summarise a batch/v1 Job (and its pods, for the failure message)."""
+    name = job["metadata"]["name"]
+    if _condition(job, "Complete"):
+        return ChildState(
+            "Job", name, "Succeeded", completion_time=job["status"].get("completionTime")
+        )
+    failed = _condition(job, "Failed")
+    if failed:
+        message = termination_message(list(pods)) or failed.get("message", "")
+        return ChildState("Job", name, "Failed", failed.get("reason", "Failed"), message)
+    if (job.get("spec") or {}).get("suspend"):
+        return ChildState("Job", name, "Suspended")
+    return ChildState("Job", name, "Running")
+
+
+def rayjob_state(rayjob: dict[str, Any]) -> ChildState:
+    """Summarise a KubeRay RayJob from its jobDeploymentStatus and jobStatus."""
+    name = rayjob["metadata"]["name"]
+    status = rayjob.get("status") or {}
+    deployment, job_status = status.get("jobDeploymentStatus", ""), status.get("jobStatus", "")
+    if deployment == "Complete" and job_status == "SUCCEEDED":
+        return ChildState("RayJob", name, "Succeeded", completion_time=status.get("endTime"))
+    if deployment in ("Failed", "Complete") or job_status in ("FAILED", "STOPPED"):
+        return ChildState("RayJob", name, "Failed", status.get("reason") or job_status or deployment,
+                          status.get("message", ""))  # fmt: skip
+    if (rayjob.get("spec") or {}).get("suspend"):
+        return ChildState("RayJob", name, "Suspended")
+    return ChildState("RayJob", name, "Running")
+
+
+# --- status helpers -------------------------------------------------------------------------
+
+
+def spec_hash(spec: dict[str, Any]) -> str:
+    """Hash of what may not change after start (everything but suspend and runPolicy)."""
+    fixed = {k: v for k, v in spec.items() if k not in ("suspend", "runPolicy")}
+    return hashlib.sha256(json.dumps(fixed, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def set_condition(
+    status: dict[str, Any], kind: str, value: bool, reason: str, message: str, now: str
+) -> None:
+    """Upsert a condition; lastTransitionTime moves only when its status flips."""
+    conditions = status.setdefault("conditions", [])
+    new = "True" if value else "False"
+    for c in conditions:
+        if c["type"] == kind:
+            if c["status"] != new:
+                c["lastTransitionTime"] = now
+            c.update(status=new, reason=reason, message=message)
+            return
+    conditions.append(
+        {
+            "type": kind,
+            "status": new,
+            "reason": reason,
+            "message": message,
+            "lastTransitionTime": now,
+        }
+    )
+
+
+def _validate(spec: dict[str, Any]):
+    """The spec as the operator needs it: valid, and with paths a pod can reach."""
+    parsed = parse_spec(spec)
+    errors = []
+    for where, uri in (("spec.workDir", parsed.work_dir), ("spec.dataset.uri", parsed.dataset.uri)):
+        if "://" not in uri and not uri.startswith("/"):
+            errors.append(f"{where}: {uri!r} is relative; on Kubernetes give an absolute path on a "
+                          "mounted volume or a URI (s3://...)")  # fmt: skip
+    if errors:
+        raise SpecError(errors)
+    return parsed
+
+
+# --- the planner ------------------------------------------------------------------------------
+
+
+def plan(body: dict[str, Any], observed: Observed, now: str) -> Plan:
+    """Decide what to create, suspend or resume next, and the job's new status."""
+    old = body.get("status") or {}
+    status = {k: copy.deepcopy(v) for k, v in old.items() if k != "kopf"}
+    status["observedGeneration"] = body["metadata"].get("generation", 1)
+    status.setdefault("startTime", now)
+    actions: list[Action] = []
+    events: list[tuple[str, str, str]] = []
+    spec_dict = body.get("spec") or {}
+
+    def finish(phase: str, message: str = "") -> Plan:
+        status["phase"], status["message"] = phase, message
+        done = sum(
+            1 for s in STAGES if (status.get("stages") or {}).get(s, {}).get("completionTime")
+        )
+        status["progress"] = f"{done}/{len(STAGES)}"
+        if old.get("phase") != phase and phase not in ("Failed",):
+            events.append(("Normal", phase, message or f"B3Job is {phase}"))
+        return Plan(actions, status, events)
+
+    if old.get("phase") in TERMINAL:
+        return Plan(
+            [],
+            {
+                **status,
+                "observedGeneration": old.get("observedGeneration", status["observedGeneration"]),
+            },
+            [],
+        )
+    try:
+        spec = _validate(spec_dict)
+    except SpecError as err:
+        message = "; ".join(err.errors)
+        set_condition(status, "Failed", True, "InvalidSpec", message, now)
+        status["completionTime"] = now
+        events.append(("Warning", "InvalidSpec", message))
+        return finish("Failed", message)
+
+    digest = spec_hash(spec_dict)
+    recorded = status.setdefault("specHash", digest)
+    if recorded != digest:
+        message = (f"spec changed after the job started ({recorded} -> {digest}); only suspend and "
+                   "runPolicy may change: restore the spec, or create a new B3Job")  # fmt: skip
+        if not any(
+            c["type"] == "SpecChanged" and c["status"] == "True"
+            for c in status.get("conditions", [])
+        ):
+            events.append(("Warning", "SpecChanged", message))
+        set_condition(status, "SpecChanged", True, "SpecChanged", message, now)
+        status["message"] = message
+        return Plan([], status, events)
+    if any(c["type"] == "SpecChanged" for c in status.get("conditions", [])):
+        set_condition(status, "SpecChanged", False, "SpecRestored", "", now)
+
+    if not observed.configmap:
+        actions.append(Action("create", "ConfigMap", children.child_name(body["metadata"]["name"], "spec"),
+                              children.spec_configmap(body, spec)))  # fmt: skip
+        set_condition(status, "Created", True, "ChildrenCreated", "spec ConfigMap created", now)
+
+    stages = status.setdefault("stages", {})
+    for stage in STAGES:
+        record = stages.setdefault(stage, {})
+        child = observed.stages.get(stage)
+        if child is None:  # the stage's turn: create its child (suspended if the job is)
+            for manifest in children.stage_child(body, spec, stage, suspend=spec.suspend):
+                actions.append(
+                    Action("create", manifest["kind"], manifest["metadata"]["name"], manifest)
+                )
+            record.update(
+                startTime=record.get("startTime", now),
+                child=children.child_name(body["metadata"]["name"], stage),
+            )
+            status["stage"] = stage
+            events.append(
+                (
+                    "Normal",
+                    "StageStarted",
+                    f"{stage}: created {actions[-1].kind} {actions[-1].name}",
+                )
+            )
+            return _running(status, stage, spec.suspend, now, finish)
+        if child.state == "Succeeded":
+            if not record.get("completionTime"):
+                record["completionTime"] = child.completion_time or now
+                events.append(
+                    ("Normal", "StageSucceeded", f"{stage}: {child.kind} {child.name} succeeded")
+                )
+            continue
+        status["stage"] = stage
+        if child.state == "Failed":
+            message = f"{stage} failed ({child.reason})" + (
+                f": {child.message}" if child.message else ""
+            )
+            set_condition(status, "Failed", True, f"{STAGE_PHASE[stage]}Failed", message, now)
+            set_condition(status, "Running", False, "Failed", message, now)
+            status["completionTime"] = now
+            events.append(("Warning", "StageFailed", message))
+            return finish("Failed", message)
+        if spec.suspend and child.state != "Suspended":
+            actions.append(Action("suspend", child.kind, child.name))
+            events.append(
+                ("Normal", "Suspending", f"{stage}: suspending {child.kind} {child.name}")
+            )
+        elif not spec.suspend and child.state == "Suspended":
+            actions.append(Action("resume", child.kind, child.name))
+            events.append(("Normal", "Resuming", f"{stage}: resuming {child.kind} {child.name}"))
+        return _running(status, stage, spec.suspend, now, finish)
+
+    status["stage"] = ""
+    status["completionTime"] = status.get("completionTime") or now
+    set_condition(status, "Running", False, "Succeeded", "every stage finished", now)
+    set_condition(
+        status, "Succeeded", True, "AllStagesSucceeded", "rank, partition and train succeeded", now
+    )
+    return finish("Succeeded", f"model in {spec.work_dir}/train/final/model")
+
+
+def _running(status: dict[str, Any], stage: str, suspend: bool, now: str, finish) -> Plan:
+    if suspend:
+        set_condition(status, "Suspended", True, "SuspendRequested", f"{stage} is suspended", now)
+        set_condition(status, "Running", False, "Suspended", f"{stage} is suspended", now)
+        return finish("Suspended", f"{stage} is suspended; set spec.suspend false to resume")
+    if any(c["type"] == "Suspended" for c in status.get("conditions", [])):
+        set_condition(status, "Suspended", False, "Resumed", f"{stage} resumed", now)
+    set_condition(status, "Running", True, f"{STAGE_PHASE[stage]}", f"{stage} is running", now)
+    return finish(STAGE_PHASE[stage], f"{stage} is running")

@@ -1,0 +1,162 @@
+"""Children manifests: valid Kubernetes objects (official schemas, strict) with the semantics
+the operator relies on: ownership, exec-form commands, failure policy, gang training."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import yaml
+from conftest import SHARED
+
+from b3.spec import parse_spec
+from b3_operator import children
+
+kv = pytest.importorskip("kubernetes_validate", reason="needs kubernetes-validate (pip)")
+K8S_VERSION = "1.33"
+RAYJOB_CRD = SHARED / "crds" / "ray.io_rayjobs.yaml"
+
+BASE = {
+    "dataset": {"uri": "s3://data/pairs.parquet", "columns": {"task": "task", "id": "id"}},
+    "mining": {"batchSize": 64, "clusterSize": 16},
+    "workDir": "/work/run-1",
+}
+MULTI_NODE = {
+    **BASE,
+    "training": {"nodes": 2, "processesPerNode": 8, "steps": 1000},
+    "template": {
+        "image": "registry.example.com/b3/worker:0.1.0",
+        "serviceAccountName": "b3-worker",
+        "priorityClassName": "training",
+        "nodeSelector": {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"},
+        "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+        "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
+            "nodeSelectorTerms": [{"matchExpressions": [
+                {"key": "topology.kubernetes.io/zone", "operator": "In", "values": ["a"]}]}]}}},
+        "env": [{"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "token"}}}],
+        "envFrom": [{"secretRef": {"name": "s3-credentials"}}],
+        "volumes": [{"name": "work", "persistentVolumeClaim": {"claimName": "b3-work"}}],
+        "volumeMounts": [{"name": "work", "mountPath": "/work"}],
+    },
+    "stages": {"train": {"backoffLimit": 4, "activeDeadlineSeconds": 86400,
+                         "resources": {"limits": {"nvidia.com/gpu": 8, "memory": "900Gi"}}}},
+    "runPolicy": {"queueName": "gpu-team", "schedulerName": "default-scheduler",
+                  "ttlSecondsAfterFinished": 3600},
+}  # fmt: skip
+RAY = {**BASE, "rank": {"workers": 4, "gpusPerWorker": 1}}
+
+
+def body(spec: dict, name: str = "job-1") -> dict:
+    return {"apiVersion": "b3.dev/v1alpha1", "kind": "B3Job", "spec": spec,
+            "metadata": {"name": name, "namespace": "team-a", "uid": "1234-abcd", "generation": 1}}  # fmt: skip
+
+
+def every_child(spec: dict) -> list[dict]:
+    b, parsed = body(spec), parse_spec(spec)
+    objects = [children.spec_configmap(b, parsed)]
+    for stage in ("rank", "partition", "train"):
+        objects += children.stage_child(b, parsed, stage)
+    return objects
+
+
+@pytest.mark.parametrize("spec", [BASE, MULTI_NODE, RAY], ids=["minimal", "multi-node", "ray"])
+def test_children_validate_against_the_official_schemas(spec):
+    for obj in every_child(spec):
+        if obj["kind"] == "RayJob":
+            continue  # a CRD: checked against KubeRay's own schema below
+        kv.validate(copy.deepcopy(obj), K8S_VERSION, strict=True)
+
+
+def test_rayjob_validates_against_the_kuberay_crd():
+    if not RAYJOB_CRD.exists():
+        pytest.skip(f"{RAYJOB_CRD} is absent (the shared third-party CRDs)")
+    import jsonschema
+
+    crd = yaml.safe_load(RAYJOB_CRD.read_text())
+    schema = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")["schema"][
+        "openAPIV3Schema"
+    ]
+    (rayjob,) = children.stage_child(body(RAY), parse_spec(RAY), "rank")
+    assert rayjob["apiVersion"] == "ray.io/v1" and rayjob["kind"] == "RayJob"
+    jsonschema.validate(rayjob, schema)
+    workers = rayjob["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]
+    assert workers["replicas"] == 4
+    bad = copy.deepcopy(rayjob)
+    bad["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["replicas"] = "four"
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(bad, schema)
+
+
+def test_children_are_owned_named_and_labelled():
+    objects = every_child(MULTI_NODE)
+    names = [(o["kind"], o["metadata"]["name"]) for o in objects]
+    assert names == [("ConfigMap", "job-1-spec"), ("Job", "job-1-rank"), ("Job", "job-1-partition"),
+                     ("Service", "job-1-train"), ("Job", "job-1-train")]  # fmt: skip
+    for obj in objects:
+        (owner,) = obj["metadata"]["ownerReferences"]
+        assert owner == {"apiVersion": "b3.dev/v1alpha1", "kind": "B3Job", "name": "job-1",
+                         "uid": "1234-abcd", "controller": True, "blockOwnerDeletion": True}  # fmt: skip
+        assert obj["metadata"]["namespace"] == "team-a"
+        assert obj["metadata"]["labels"]["b3.dev/job"] == "job-1"
+    jobs = [o for o in objects if o["kind"] == "Job"]
+    assert all(j["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpu-team" for j in jobs)
+
+
+def test_the_configmap_holds_the_resolved_spec_the_pods_read():
+    cm = every_child(MULTI_NODE)[0]
+    manifest = yaml.safe_load(cm["data"]["job.yaml"])
+    assert manifest["kind"] == "B3Job" and manifest["metadata"]["name"] == "job-1"
+    assert parse_spec(manifest["spec"]) == parse_spec(MULTI_NODE)
+
+
+def test_training_is_an_indexed_gang_with_torchrun_in_exec_form():
+    service, train = children.stage_child(body(MULTI_NODE), parse_spec(MULTI_NODE), "train")
+    spec, pod = train["spec"], train["spec"]["template"]["spec"]
+    assert spec["completionMode"] == "Indexed" and spec["completions"] == spec["parallelism"] == 2
+    assert (
+        service["spec"]["clusterIP"] == "None" and pod["subdomain"] == service["metadata"]["name"]
+    )
+    (container,) = pod["containers"]
+    assert container["command"] == [
+        "torchrun", "--nnodes", "2", "--nproc-per-node", "8", "--node-rank", "$(JOB_COMPLETION_INDEX)",
+        "--rdzv-endpoint", "job-1-train-0.job-1-train:29400", "-m", "b3_jobs.train", "/etc/b3/job.yaml",
+    ]  # fmt: skip
+    assert container["resources"] == {"limits": {"nvidia.com/gpu": 8, "memory": "900Gi"}}
+    assert spec["backoffLimit"] == 4 and spec["activeDeadlineSeconds"] == 86400
+    assert spec["ttlSecondsAfterFinished"] == 3600
+    assert pod["schedulerName"] == "default-scheduler" and pod["priorityClassName"] == "training"
+    assert {
+        "name": "HF_TOKEN",
+        "valueFrom": {"secretKeyRef": {"name": "hf", "key": "token"}},
+    } in container["env"]
+    assert {"name": "work", "mountPath": "/work"} in container["volumeMounts"]
+
+
+def test_bad_input_fails_at_once_and_disruptions_do_not_count():
+    for job in (o for o in every_child(BASE) if o["kind"] == "Job"):
+        rules = job["spec"]["podFailurePolicy"]["rules"]
+        assert rules[0] == {
+            "action": "FailJob",
+            "onExitCodes": {"containerName": "stage", "operator": "In", "values": [2]},
+        }
+        assert rules[1] == {
+            "action": "Ignore",
+            "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}],
+        }
+        assert job["spec"]["template"]["spec"]["restartPolicy"] == "Never"
+
+
+def test_pods_run_as_non_root_unless_the_spec_says_otherwise():
+    rank = every_child(BASE)[1]
+    pod = rank["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["containers"][0]["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+    assert pod["containers"][0]["resources"] == {"limits": {"nvidia.com/gpu": 1}}
+    custom = {**BASE, "template": {"securityContext": {"runAsUser": 2000, "runAsNonRoot": True}}}
+    pod = every_child(custom)[1]["spec"]["template"]["spec"]
+    assert pod["securityContext"] == {"runAsUser": 2000, "runAsNonRoot": True}
+
+
+def test_a_suspended_job_creates_its_stage_suspended():
+    (rank,) = children.stage_child(body(BASE), parse_spec(BASE), "rank", suspend=True)
+    assert rank["spec"]["suspend"] is True
