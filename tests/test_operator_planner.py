@@ -1,0 +1,257 @@
+"""The planner, table-driven: (B3Job, observed children) -> (actions, status, events) for every
+transition, failure, suspend/resume, an operator restarted mid-stage and a spec change."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+from b3_operator.planner import ChildState, Observed, job_state, plan, rayjob_state
+
+NOW, LATER = "2026-11-23T10:00:00Z", "2026-11-23T11:00:00Z"
+SPEC = {
+    "dataset": {"uri": "s3://data/pairs.parquet", "columns": {"task": "task"}},
+    "mining": {"batchSize": 64, "clusterSize": 16},
+    "workDir": "/work/run-1",
+}
+
+
+def body(status=None, generation=1, **spec_changes) -> dict:
+    return {"apiVersion": "b3.dev/v1alpha1", "kind": "B3Job", "spec": {**SPEC, **spec_changes},
+            "metadata": {"name": "job-1", "namespace": "ns", "uid": "u-1", "generation": generation},
+            "status": status or {}}  # fmt: skip
+
+
+def child(stage: str, state: str, **kw) -> ChildState:
+    return ChildState("Job", f"job-1-{stage}", state, **kw)
+
+
+def observed(**stages) -> Observed:
+    return Observed(configmap=True, stages={k: child(k, v) for k, v in stages.items()})
+
+
+def run(b: dict, obs: Observed, now: str = NOW):
+    result = plan(b, obs, now)
+    return result, [(a.verb, a.kind, a.name) for a in result.actions], [e[1] for e in result.events]
+
+
+def conditions(status: dict) -> dict[str, str]:
+    return {c["type"]: c["status"] for c in status.get("conditions", [])}
+
+
+# (observed children, expected actions, phase, stage, progress)
+TRANSITIONS = [
+    pytest.param(Observed(), [("create", "ConfigMap", "job-1-spec"), ("create", "Job", "job-1-rank")],
+                 "Ranking", "rank", "0/3", id="new job: spec ConfigMap and the rank Job"),
+    pytest.param(observed(rank="Running"), [], "Ranking", "rank", "0/3", id="ranking"),
+    pytest.param(observed(rank="Succeeded"), [("create", "Job", "job-1-partition")],
+                 "Partitioning", "partition", "1/3", id="rank done: partition"),
+    pytest.param(observed(rank="Succeeded", partition="Succeeded"),
+                 [("create", "Service", "job-1-train"), ("create", "Job", "job-1-train")],
+                 "Training", "train", "2/3", id="partition done: Service + Indexed Job"),
+    pytest.param(observed(rank="Succeeded", partition="Succeeded", train="Running"), [],
+                 "Training", "train", "2/3", id="training"),
+    pytest.param(observed(rank="Succeeded", partition="Succeeded", train="Succeeded"), [],
+                 "Succeeded", "", "3/3", id="all done"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("obs, actions, phase, stage, progress", TRANSITIONS)
+def test_stages_run_in_order(obs, actions, phase, stage, progress):
+    result, got, _ = run(body(), obs)
+    assert got == actions
+    assert (result.status["phase"], result.status["stage"], result.status["progress"]) == (
+        phase,
+        stage,
+        progress,
+    )
+    assert result.status["observedGeneration"] == 1
+    if phase == "Succeeded":
+        assert (
+            conditions(result.status)["Succeeded"] == "True"
+            and result.status["completionTime"] == NOW
+        )
+
+
+def test_a_whole_job_through_its_status():
+    """Feed each plan's status back, as the API server would: times and events accumulate once."""
+    b = body()
+    steps = [Observed(), observed(rank="Running"), observed(rank="Succeeded"),
+             observed(rank="Succeeded", partition="Succeeded"),
+             observed(rank="Succeeded", partition="Succeeded", train="Succeeded")]  # fmt: skip
+    events = []
+    for i, obs in enumerate(steps):
+        result, _, reasons = run(b, obs, f"2026-11-23T10:0{i}:00Z")
+        events += reasons
+        b = {**b, "status": result.status}
+    stages = b["status"]["stages"]
+    assert stages["rank"] == {"startTime": "2026-11-23T10:00:00Z", "child": "job-1-rank",
+                              "completionTime": "2026-11-23T10:02:00Z"}  # fmt: skip
+    assert stages["train"]["startTime"] == "2026-11-23T10:03:00Z"
+    assert events.count("StageSucceeded") == 3 and events.count("StageStarted") == 3
+    assert events[-1] == "Succeeded" and b["status"]["phase"] == "Succeeded"
+    # finished: nothing more happens, whatever is observed
+    result, actions, reasons = run(b, Observed(), LATER)
+    assert actions == [] and reasons == [] and result.status["phase"] == "Succeeded"
+
+
+@pytest.mark.parametrize("stage, earlier", [("rank", {}), ("partition", {"rank": "Succeeded"}),
+                                            ("train", {"rank": "Succeeded", "partition": "Succeeded"})])  # fmt: skip
+def test_a_failed_stage_fails_the_job_with_the_pod_message(stage, earlier):
+    obs = observed(**earlier)
+    obs.stages[stage] = child(stage, "Failed", reason="PodFailurePolicy",
+                              message="rank: dataset.columns: column 'query' missing")  # fmt: skip
+    result, actions, reasons = run(body(), obs)
+    assert actions == [] and result.status["phase"] == "Failed"
+    assert "column 'query' missing" in result.status["message"]
+    failed = next(c for c in result.status["conditions"] if c["type"] == "Failed")
+    assert failed["status"] == "True" and failed["reason"].endswith("Failed")
+    assert "StageFailed" in reasons
+    # terminal: a later reconcile changes nothing, even if the Job is gone
+    again, actions, _ = run({**body(), "status": result.status}, Observed(), LATER)
+    assert actions == [] and again.status["phase"] == "Failed"
+
+
+@pytest.mark.parametrize("obs, verb", [
+    (observed(rank="Running"), "suspend"),
+    (observed(rank="Succeeded", partition="Succeeded", train="Running"), "suspend"),
+])  # fmt: skip
+def test_suspend_suspends_the_running_child(obs, verb):
+    result, actions, _ = run(body(suspend=True), obs)
+    assert actions[0][0] == verb and actions[0][2] == obs.stages[list(obs.stages)[-1]].name
+    assert result.status["phase"] == "Suspended"
+    assert conditions(result.status) == {"Suspended": "True", "Running": "False"}
+
+
+def test_resume_after_suspend():
+    suspended, _, _ = run(body(suspend=True), observed(rank="Running"))
+    obs = observed(rank="Suspended")
+    result, actions, reasons = run(body(status=suspended.status, suspend=False), obs, LATER)
+    assert actions == [("resume", "Job", "job-1-rank")] and "Resuming" in reasons
+    assert result.status["phase"] == "Ranking"
+    assert (
+        conditions(result.status)["Suspended"] == "False"
+        and conditions(result.status)["Running"] == "True"
+    )
+
+
+def test_a_suspended_job_creates_its_next_stage_suspended():
+    result, actions, _ = run(body(suspend=True), observed(rank="Succeeded"))
+    (create,) = result.actions
+    assert create.manifest["spec"]["suspend"] is True and result.status["phase"] == "Suspended"
+
+
+def test_an_operator_restarted_mid_stage_creates_nothing_twice():
+    """A fresh operator process sees the same children and the stored status: same decision."""
+    first, actions, _ = run(body(), observed(rank="Succeeded"))
+    assert actions == [("create", "Job", "job-1-partition")]
+    # it crashed after creating the partition Job but before writing status
+    restarted, actions, reasons = run(
+        body(), observed(rank="Succeeded", partition="Running"), LATER
+    )
+    assert actions == [] and restarted.status["phase"] == "Partitioning"
+    # ... or after writing status: still nothing new, and the recorded times are kept
+    again, actions, _ = run(
+        body(status=first.status), observed(rank="Succeeded", partition="Running"), LATER
+    )
+    assert actions == [] and again.status["stages"]["partition"]["startTime"] == NOW
+
+
+def test_a_spec_change_after_start_is_refused_until_restored():
+    started, _, _ = run(body(), observed(rank="Running"))
+    changed = body(
+        status=started.status, generation=2, mining={"batchSize": 128, "clusterSize": 16}
+    )
+    result, actions, reasons = run(changed, observed(rank="Succeeded"), LATER)
+    assert actions == [] and reasons == ["SpecChanged"]
+    assert (
+        conditions(result.status)["SpecChanged"] == "True"
+        and result.status["observedGeneration"] == 2
+    )
+    # the warning is not repeated on every reconcile
+    _, _, reasons = run({**changed, "status": result.status}, observed(rank="Succeeded"), LATER)
+    assert reasons == []
+    # restored: the job goes on
+    restored, actions, _ = run(
+        body(status=result.status, generation=3), observed(rank="Succeeded"), LATER
+    )
+    assert actions == [("create", "Job", "job-1-partition")]
+    assert conditions(restored.status)["SpecChanged"] == "False"
+
+
+def test_suspend_and_run_policy_may_change():
+    started, _, _ = run(body(), observed(rank="Running"))
+    later = body(
+        status=started.status, generation=2, suspend=True, runPolicy={"ttlSecondsAfterFinished": 60}
+    )
+    result, actions, _ = run(later, observed(rank="Running"))
+    assert actions == [("suspend", "Job", "job-1-rank")] and "SpecChanged" not in conditions(
+        result.status
+    )
+
+
+@pytest.mark.parametrize("change, field", [
+    ({"mining": {"batchSize": 64, "clusterSize": 24}}, "clusterSize"),
+    ({"workDir": "relative/dir"}, "spec.workDir"),
+])  # fmt: skip
+def test_an_invalid_spec_fails_without_children(change, field):
+    result, actions, reasons = run(body(**change), Observed())
+    assert actions == [] and result.status["phase"] == "Failed" and reasons == ["InvalidSpec"]
+    assert field in result.status["message"]
+
+
+def test_deletion_needs_no_action_children_are_owned():
+    """Children carry controller ownerReferences, so the API server's garbage collector deletes
+    them with the B3Job; the planner's creations all carry one."""
+    result, _, _ = run(body(), Observed())
+    for action in result.actions:
+        (owner,) = action.manifest["metadata"]["ownerReferences"]
+        assert owner["uid"] == "u-1" and owner["controller"] is True
+
+
+def test_ray_ranking_is_a_rayjob():
+    result, actions, _ = run(body(rank={"workers": 3}), Observed())
+    assert actions[1] == ("create", "RayJob", "job-1-rank")
+
+
+JOB = {"metadata": {"name": "job-1-rank"}, "spec": {"suspend": False}, "status": {}}
+
+
+@pytest.mark.parametrize("status, spec, state", [
+    ({"conditions": [{"type": "Complete", "status": "True"}], "completionTime": LATER}, {}, "Succeeded"),
+    ({"conditions": [{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded"}]}, {}, "Failed"),
+    ({"conditions": [{"type": "Failed", "status": "False"}], "active": 1}, {}, "Running"),
+    ({}, {"suspend": True}, "Suspended"),
+    ({"active": 1}, {}, "Running"),
+])  # fmt: skip
+def test_job_state(status, spec, state):
+    job = copy.deepcopy(JOB)
+    job["status"].update(status)
+    job["spec"].update(spec)
+    assert job_state(job).state == state
+
+
+def test_job_state_carries_the_newest_failed_pods_termination_message():
+    job = copy.deepcopy(JOB)
+    job["status"]["conditions"] = [
+        {"type": "Failed", "status": "True", "reason": "PodFailurePolicy", "message": "x"}
+    ]
+    pods = [{"status": {"containerStatuses": [{"state": {"terminated": {
+        "exitCode": code, "finishedAt": at, "message": msg}}}]}}
+        for code, at, msg in [(1, "2026-11-23T10:00:00Z", "old"), (2, "2026-11-23T10:05:00Z", "rank: bad column\n")]]  # fmt: skip
+    state = job_state(job, pods)
+    assert (state.state, state.reason, state.message) == (
+        "Failed",
+        "PodFailurePolicy",
+        "rank: bad column",
+    )
+
+
+@pytest.mark.parametrize("status, state", [
+    ({"jobDeploymentStatus": "Complete", "jobStatus": "SUCCEEDED"}, "Succeeded"),
+    ({"jobDeploymentStatus": "Failed", "jobStatus": "FAILED", "message": "boom"}, "Failed"),
+    ({"jobDeploymentStatus": "Running", "jobStatus": "RUNNING"}, "Running"),
+])  # fmt: skip
+def test_rayjob_state(status, state):
+    assert rayjob_state({"metadata": {"name": "r"}, "spec": {}, "status": status}).state == state
