@@ -170,16 +170,16 @@ def eval_command(manifest: str, models: list[str], as_json: bool) -> int:
     if spec.dataset.split is None:
         raise DataError("dataset.split is not set, so there is no held-out split to evaluate on")
     pairs = load_pairs(spec.dataset, min_rows=1, split="test")
-    work = WorkDir(spec.work_dir)
+    work, out = WorkDir(spec.work_dir), WorkDir(spec.train_dir)
     t = spec.training
     prompts = spec.dataset.prompts
     # name -> (model, pooling, max length, prompts)
     candidates = {"teacher": (spec.teacher.model, spec.teacher.pooling, spec.teacher.max_length,
                               prompts if spec.teacher.use_prompts else None),
                   "student (untrained)": (t.student, t.pooling, t.max_length, prompts)}  # fmt: skip
-    if work.local and work.exists("train", "final", "model", "config.json"):
+    if out.local and out.exists("train", "final", "model", "config.json"):
         candidates["student (trained)"] = (
-            work.local_path("train", "final", "model"),
+            out.local_path("train", "final", "model"),
             t.pooling,
             t.max_length,
             prompts,
@@ -237,7 +237,7 @@ def run_command(manifest: str) -> int:
                                          for name, seconds, code in timings))  # fmt: skip
     if timings[-1][2] != 0:
         return timings[-1][2]
-    print(f"  model: {os.path.join(job.spec.work_dir, 'train', 'final', 'model')}")
+    print(f"  model: {os.path.join(job.spec.train_dir, 'train', 'final', 'model')}")
     return 0
 
 

@@ -270,6 +270,12 @@ class TrainingSpec(_Model):
     processes_per_node: int = Field(1, ge=1, le=64, description="Processes (GPUs) per node.")
     checkpoint_every: int = Field(500, ge=1, description="Steps between checkpoints.")
     keep_checkpoints: int = Field(3, ge=1, description="Checkpoints kept on disk.")
+    output_dir: str | None = Field(
+        None,
+        min_length=1,
+        description="Where the train stage writes <outputDir>/train/ (checkpoints, final model); "
+        "default workDir. Needed when workDir is an object store: checkpoints need a file system.",
+    )
 
     @model_validator(mode="after")
     def _steps_or_epochs(self) -> TrainingSpec:
@@ -396,9 +402,19 @@ class B3JobSpec(_Model):
             errors.append(
                 f"training.miniBatchSize ({mbs}) must not exceed the per-process batch ({local})"
             )
+        if not _is_local(self.work_dir) and self.training.output_dir is None:
+            errors.append(
+                f"workDir {self.work_dir} is an object store, and training checkpoints need a file "
+                "system: set training.outputDir to a local or mounted path"
+            )
         if errors:
             raise ValueError("; ".join(errors))
         return self
+
+    @property
+    def train_dir(self) -> str:
+        """The root under which the train stage writes train/ (outputDir, else workDir)."""
+        return self.training.output_dir or self.work_dir
 
 
 class ObjectMeta(BaseModel):
@@ -481,6 +497,12 @@ def parse_manifest(doc: Any, base_dir: str | Path = ".") -> B3Job:
                 update={"uri": _resolve_against(spec.dataset.uri, base)}
             ),
             "work_dir": _resolve_against(spec.work_dir, base),
+            "training": spec.training.model_copy(
+                update={
+                    "output_dir": spec.training.output_dir
+                    and _resolve_against(spec.training.output_dir, base)
+                }
+            ),
         }
     )
     return B3Job(

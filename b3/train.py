@@ -179,10 +179,11 @@ class Trainer:
     ):
         spec, t, mining = job.spec, job.spec.training, job.spec.mining
         self.job, self.spec, self.dist = job, spec, dist_env
-        self.work = WorkDir(spec.work_dir)
-        if not self.work.local:
+        self.work = WorkDir(spec.work_dir)  # rank and partition outputs
+        self.out = WorkDir(spec.train_dir)  # checkpoints, final model, the stage manifest
+        if not self.out.local:
             raise DataError(
-                f"workDir {spec.work_dir}: training checkpoints need a local or mounted path (a PVC), not an object store"
+                f"training.outputDir {spec.train_dir}: training checkpoints need a local or mounted path (a PVC), not an object store"
             )
         if mining.batch_size % dist_env.world:
             raise DataError(
@@ -296,7 +297,7 @@ class Trainer:
 
     def checkpoint_dirs(self) -> list[str]:
         """Complete checkpoints, oldest first (a directory is renamed into place when complete)."""
-        root = self.work.local_path("train", "checkpoints")
+        root = self.out.local_path("train", "checkpoints")
         if not os.path.isdir(root):
             return []
         names = sorted(n for n in os.listdir(root) if n.startswith("step-") and "." not in n)
@@ -343,7 +344,7 @@ class Trainer:
         else:
             states = [rng]
         if self.dist.rank == 0:
-            root = self.work.local_path("train", "checkpoints")
+            root = self.out.local_path("train", "checkpoints")
             final = os.path.join(root, f"step-{self.step:07d}")
             tmp = f"{final}.tmp-{os.getpid()}"
             os.makedirs(tmp, exist_ok=True)
@@ -442,7 +443,7 @@ class Trainer:
         """Adapter and merged model under <work>/train/final/, then the stage manifest."""
         if self.dist.rank != 0:
             return {}
-        final = self.work.local_path("train", "final")
+        final = self.out.local_path("train", "final")
         tmp = f"{final}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         self.student.backbone.save_pretrained(os.path.join(tmp, "adapter"))
@@ -451,7 +452,7 @@ class Trainer:
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         summary = {"steps": self.step, "epochs": self.epoch, "model": os.path.join(final, "model")}
-        return self.work.finish_stage(
+        return self.out.finish_stage(
             "train",
             self.fingerprint,
             ["final/model/config.json"],
@@ -503,7 +504,7 @@ def train_stage(job: B3Job, env: dict[str, str] | None = None) -> dict:
     port = int(env["B3_METRICS_PORT"]) if env.get("B3_METRICS_PORT") else None
     fault = int(env["B3_FAULT_AT_STEP"]) if env.get("B3_FAULT_AT_STEP") else None
     trainer = Trainer(job, dist_env, metrics_port=port, fault_at_step=fault)
-    done = trainer.work.finished_stage("train", trainer.fingerprint)
+    done = trainer.out.finished_stage("train", trainer.fingerprint)
     if done:
         return {**done, "skipped": True}
     try:

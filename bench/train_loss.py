@@ -43,13 +43,14 @@ def main() -> None:
     sampler = B3BatchSampler(clusters.column("cluster").to_numpy(), mining.batch_size,
                              clusters.column("group").to_numpy(zero_copy_only=False), seed=mining.seed)  # fmt: skip
     batches = sampler.batches(0)
-    trained_steps = work.read_json("train", "manifest.json")["summary"]["steps"]
+    out = WorkDir(spec.train_dir)  # the train stage's root
+    trained_steps = out.read_json("train", "manifest.json")["summary"]["steps"]
     sets = {
         "trained_on": batches[: args.batches],
         "unseen": batches[trained_steps : trained_steps + args.batches],
     }
     loss_fn = InfoNCELoss(scale=1.0 / t.temperature)
-    models = {"untrained": t.student, "trained": work.local_path("train", "final", "model")}
+    models = {"untrained": t.student, "trained": out.local_path("train", "final", "model")}
     result = {"batches_per_set": args.batches, "trained_steps": trained_steps, "models": {}}
     for name, model in models.items():
         encoder = TextEncoder(

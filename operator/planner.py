@@ -279,7 +279,7 @@ def plan(body: dict[str, Any], observed: Observed, now: str) -> Plan:
     set_condition(
         status, "Succeeded", True, "AllStagesSucceeded", "rank, partition and train succeeded", now
     )
-    return finish("Succeeded", f"model in {spec.work_dir}/train/final/model")
+    return finish("Succeeded", f"model in {spec.train_dir}/train/final/model")
 
 
 def _running(status: dict[str, Any], stage: str, suspend: bool, now: str, finish) -> Plan:

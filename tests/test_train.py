@@ -246,3 +246,17 @@ def test_false_negative_masks_reach_the_loss_in_gathered_column_order(mined, rul
     assert item["mask"].shape == (len(batch) // 2, len(batch) + len(hard))
     assert item["mask"].numpy().tolist() == expected.tolist()
     assert main(["train", manifest]) == 0
+
+
+def test_output_dir_takes_the_train_stage_and_an_object_store_work_dir_needs_it(mined, tmp_path):
+    from b3.spec import SpecError, parse_spec
+
+    manifest, work = mined("out", steps=2, outputDir=str(tmp_path / "ckpt"))
+    assert main(["train", manifest]) == 0
+    assert os.path.exists(tmp_path / "ckpt" / "train" / "final" / "model" / "config.json")
+    assert os.path.exists(tmp_path / "ckpt" / "train" / "manifest.json")
+    assert not os.path.exists(os.path.join(work, "train"))
+    spec = {"dataset": {"uri": "s3://b/p.parquet"}, "workDir": "s3://b/run"}
+    with pytest.raises(SpecError, match="set training.outputDir"):
+        parse_spec(spec)
+    assert parse_spec({**spec, "training": {"outputDir": "/ckpt"}}).train_dir == "/ckpt"
