@@ -78,11 +78,19 @@ def spec_configmap(body: dict[str, Any], spec: B3JobSpec) -> dict[str, Any]:
 
 def _resources(spec: B3JobSpec, stage: str) -> dict[str, Any]:
     given = getattr(spec.stages, stage).resources
-    if given is not None:
-        return copy.deepcopy(given)
-    if stage == "train":
-        return {"limits": {"nvidia.com/gpu": spec.training.processes_per_node}}
-    return copy.deepcopy(DEFAULT_RESOURCES[stage])
+    if given is None:
+        given = (
+            {"limits": {"nvidia.com/gpu": spec.training.processes_per_node}}
+            if stage == "train"
+            else DEFAULT_RESOURCES[stage]
+        )
+    # quantities as strings ("8", "600Gi"): YAML gives ints, and clients want Quantity strings
+    return {
+        kind: {name: str(q) for name, q in amounts.items()}
+        if isinstance(amounts, dict)
+        else copy.deepcopy(amounts)
+        for kind, amounts in given.items()
+    }
 
 
 def pod_spec(

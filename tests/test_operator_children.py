@@ -121,7 +121,7 @@ def test_training_is_an_indexed_gang_with_torchrun_in_exec_form():
         "torchrun", "--nnodes", "2", "--nproc-per-node", "8", "--node-rank", "$(JOB_COMPLETION_INDEX)",
         "--rdzv-endpoint", "job-1-train-0.job-1-train:29400", "-m", "b3_jobs.train", "/etc/b3/job.yaml",
     ]  # fmt: skip
-    assert container["resources"] == {"limits": {"nvidia.com/gpu": 8, "memory": "900Gi"}}
+    assert container["resources"] == {"limits": {"nvidia.com/gpu": "8", "memory": "900Gi"}}
     assert spec["backoffLimit"] == 4 and spec["activeDeadlineSeconds"] == 86400
     assert spec["ttlSecondsAfterFinished"] == 3600
     assert pod["schedulerName"] == "default-scheduler" and pod["priorityClassName"] == "training"
@@ -151,7 +151,7 @@ def test_pods_run_as_non_root_unless_the_spec_says_otherwise():
     pod = rank["spec"]["template"]["spec"]
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert pod["containers"][0]["securityContext"]["capabilities"] == {"drop": ["ALL"]}
-    assert pod["containers"][0]["resources"] == {"limits": {"nvidia.com/gpu": 1}}
+    assert pod["containers"][0]["resources"] == {"limits": {"nvidia.com/gpu": "1"}}
     custom = {**BASE, "template": {"securityContext": {"runAsUser": 2000, "runAsNonRoot": True}}}
     pod = every_child(custom)[1]["spec"]["template"]["spec"]
     assert pod["securityContext"] == {"runAsUser": 2000, "runAsNonRoot": True}

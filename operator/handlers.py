@@ -1,0 +1,209 @@
+"""kopf handlers for B3Job: thin. Each reconcile observes the children, asks the planner, and
+applies what it says. Run with:
+
+    kopf run -m b3_operator.handlers --all-namespaces --peering=b3-operator \\
+        --liveness=http://0.0.0.0:8080/healthz
+
+Peering (`--peering`, a KopfPeering resource) makes sure that of several replicas only one
+acts; `--liveness` serves kopf's health endpoint for the Deployment's probe.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from datetime import datetime, timezone
+from typing import Any
+
+import kopf
+import kubernetes
+from kubernetes.client.exceptions import ApiException
+
+from b3.spec import API_GROUP, API_VERSION
+from b3_operator import children, metrics
+from b3_operator.crd import PLURAL
+from b3_operator.planner import STAGES, Action, Observed, job_state, plan, rayjob_state
+
+RAY_GROUP, RAY_VERSION, RAY_PLURAL = "ray.io", "v1", "rayjobs"
+OBSERVED_ANNOTATION = f"{API_GROUP}/children"  # written by the child watch to re-trigger the job
+
+log = logging.getLogger("b3_operator")
+
+
+@kopf.on.login()
+def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+    """In a pod: the ServiceAccount; elsewhere: $KUBECONFIG (read now, not at import)."""
+    return kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
+
+
+@kopf.on.startup()
+def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+    settings.persistence.finalizer = f"{API_GROUP}/finalizer"
+    # kopf's bookkeeping under its own prefix, apart from our b3.dev/children annotation
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(
+        prefix=f"kopf.{API_GROUP}"
+    )
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=f"kopf.{API_GROUP}", key="last-handled-configuration"
+    )
+    settings.posting.level = logging.WARNING  # our own Events say what happened; kopf adds errors
+    try:
+        kubernetes.config.load_incluster_config()
+    except kubernetes.config.ConfigException:
+        kubernetes.config.load_kube_config(config_file=os.environ.get("KUBECONFIG"))
+    port = os.environ.get("B3_OPERATOR_METRICS_PORT")
+    if port:
+        metrics.serve(int(port))
+
+
+def _api() -> kubernetes.client.ApiClient:
+    return kubernetes.client.ApiClient()
+
+
+def _as_dict(obj: Any) -> dict[str, Any]:
+    return _api().sanitize_for_serialization(obj)
+
+
+def _owned(obj: dict[str, Any], uid: str) -> bool:
+    return any(
+        ref.get("uid") == uid for ref in obj.get("metadata", {}).get("ownerReferences") or []
+    )
+
+
+def observe(body: dict[str, Any]) -> Observed:
+    """Read the job's children from the API server."""
+    meta = body["metadata"]
+    name, ns, uid = meta["name"], meta["namespace"], meta["uid"]
+    core, batch = kubernetes.client.CoreV1Api(), kubernetes.client.BatchV1Api()
+    observed = Observed()
+    try:
+        core.read_namespaced_config_map(children.child_name(name, "spec"), ns)
+        observed.configmap = True
+    except ApiException as err:
+        if err.status != 404:
+            raise
+    jobs = batch.list_namespaced_job(ns, label_selector=f"{children.JOB_LABEL}={name}")
+    for job in (_as_dict(j) for j in jobs.items):
+        stage = (job["metadata"].get("labels") or {}).get(children.STAGE_LABEL)
+        if stage not in STAGES or not _owned(job, uid):
+            continue
+        pods: list[dict[str, Any]] = []
+        if any(
+            c.get("type") == "Failed" and c.get("status") == "True"
+            for c in job.get("status", {}).get("conditions") or []
+        ):
+            listed = core.list_namespaced_pod(
+                ns, label_selector=f"job-name={job['metadata']['name']}"
+            )
+            pods = [p for p in (_as_dict(p) for p in listed.items)
+                    if (p["metadata"].get("labels") or {}).get("job-name") == job["metadata"]["name"]]  # fmt: skip
+        observed.stages[stage] = job_state(job, pods)
+    try:
+        rayjob = kubernetes.client.CustomObjectsApi().get_namespaced_custom_object(
+            RAY_GROUP, RAY_VERSION, ns, RAY_PLURAL, children.child_name(name, "rank")
+        )
+        if _owned(rayjob, uid):
+            observed.stages["rank"] = rayjob_state(rayjob)
+    except ApiException as err:
+        if err.status not in (404, 403):  # 404: none; 403/404 also when KubeRay is not installed
+            raise
+    return observed
+
+
+def apply(action: Action, namespace: str) -> None:
+    core, batch = kubernetes.client.CoreV1Api(), kubernetes.client.BatchV1Api()
+    custom = kubernetes.client.CustomObjectsApi()
+    if action.verb == "create":
+        create = {
+            "ConfigMap": lambda m: core.create_namespaced_config_map(namespace, m),
+            "Service": lambda m: core.create_namespaced_service(namespace, m),
+            "Job": lambda m: batch.create_namespaced_job(namespace, m),
+            "RayJob": lambda m: custom.create_namespaced_custom_object(
+                RAY_GROUP, RAY_VERSION, namespace, RAY_PLURAL, m
+            ),
+        }[action.kind]
+        try:
+            create(action.manifest)
+        except ApiException as err:
+            if err.status != 409:  # already there: an earlier reconcile made it
+                raise
+        return
+    patch = {"spec": {"suspend": action.verb == "suspend"}}
+    if action.kind == "Job":
+        batch.patch_namespaced_job(action.name, namespace, patch)
+    else:
+        custom.patch_namespaced_custom_object(
+            RAY_GROUP, RAY_VERSION, namespace, RAY_PLURAL, action.name, patch
+        )
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def reconcile(body: kopf.Body, patch: kopf.Patch, trigger: str) -> None:
+    started = time.perf_counter()
+    metrics.RECONCILES.labels(trigger).inc()
+    try:
+        raw = dict(body)
+        result = plan(raw, observe(raw), now())
+        for action in result.actions:
+            apply(action, body["metadata"]["namespace"])
+        for kind, reason, message in result.events:
+            kopf.event(body, type=kind, reason=reason, message=message)
+        old_stages = (body.get("status") or {}).get("stages") or {}
+        for stage, record in result.status.get("stages", {}).items():
+            if record.get("completionTime") and not old_stages.get(stage, {}).get("completionTime"):
+                metrics.record_stage(stage, record["startTime"], record["completionTime"])
+        patch.status.update(result.status)
+        metrics.record_phase(
+            f"{body['metadata']['namespace']}/{body['metadata']['name']}",
+            result.status.get("phase"),
+        )
+    except Exception:
+        metrics.RECONCILE_ERRORS.labels(trigger).inc()
+        raise  # kopf logs it, posts an Event and retries with backoff
+    finally:
+        metrics.RECONCILE_SECONDS.observe(time.perf_counter() - started)
+
+
+@kopf.on.resume(API_GROUP, API_VERSION, PLURAL)
+@kopf.on.create(API_GROUP, API_VERSION, PLURAL)
+@kopf.on.update(API_GROUP, API_VERSION, PLURAL)
+def on_b3job(body: kopf.Body, patch: kopf.Patch, reason: str, **_: Any) -> None:
+    reconcile(body, patch, reason)
+
+
+@kopf.timer(API_GROUP, API_VERSION, PLURAL, interval=60, initial_delay=60,
+            when=lambda status, **_: status.get("phase") not in ("Succeeded", "Failed"))  # fmt: skip
+def on_timer(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
+    """Safety net for a missed child event: reconcile running jobs every minute."""
+    reconcile(body, patch, "timer")
+
+
+@kopf.on.event("batch", "v1", "jobs", labels={children.JOB_LABEL: kopf.PRESENT})
+def on_child_job(body: kopf.Body, type: str | None, **_: Any) -> None:
+    """A stage Job changed: re-trigger its B3Job by recording the children's state on it."""
+    if type is None:  # the initial listing; resume handlers cover it
+        return
+    meta = body["metadata"]
+    owner = next((r for r in meta.get("ownerReferences") or [] if r.get("kind") == "B3Job"), None)
+    if owner is None:
+        return
+    state = job_state(dict(body))
+    token = f"{meta['name']}={state.state}"
+    try:
+        kubernetes.client.CustomObjectsApi().patch_namespaced_custom_object(
+            API_GROUP, API_VERSION, meta["namespace"], PLURAL, owner["name"],
+            {"metadata": {"annotations": {OBSERVED_ANNOTATION: token}}},
+        )  # fmt: skip
+    except ApiException as err:
+        if err.status != 404:  # the job is being deleted
+            raise
+
+
+@kopf.on.delete(API_GROUP, API_VERSION, PLURAL)
+def on_delete(body: kopf.Body, **_: Any) -> None:
+    """Children go with the job (ownerReferences); forget it in the metrics."""
+    metrics.record_phase(f"{body['metadata']['namespace']}/{body['metadata']['name']}", None)

@@ -1,0 +1,47 @@
+"""The operator's own Prometheus metrics (served by `handlers.configure` on B3_OPERATOR_METRICS_PORT)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from b3_operator.crd import PHASES
+
+REGISTRY = CollectorRegistry()
+RECONCILES = Counter("b3_operator_reconciles_total", "Reconciles of B3Jobs, by trigger.", ["trigger"],
+                     registry=REGISTRY)  # fmt: skip
+RECONCILE_ERRORS = Counter("b3_operator_reconcile_errors_total", "Reconciles that raised, by trigger.",
+                           ["trigger"], registry=REGISTRY)  # fmt: skip
+RECONCILE_SECONDS = Histogram(
+    "b3_operator_reconcile_seconds", "Time of one reconcile.", registry=REGISTRY
+)
+JOBS = Gauge("b3_operator_jobs", "B3Jobs by phase.", ["phase"], registry=REGISTRY)
+STAGE_SECONDS = Histogram("b3_operator_stage_duration_seconds", "Wall time of finished stages.", ["stage"],
+                          buckets=(60, 300, 900, 1800, 3600, 7200, 14400, 28800, 86400, 172800),
+                          registry=REGISTRY)  # fmt: skip
+
+_phases: dict[str, str] = {}  # namespace/name -> phase, for the JOBS gauge
+
+
+def record_phase(key: str, phase: str | None) -> None:
+    """Track a job's phase (None: the job is gone) and refresh the per-phase counts."""
+    if phase is None:
+        _phases.pop(key, None)
+    else:
+        _phases[key] = phase
+    for p in PHASES:
+        JOBS.labels(p).set(sum(1 for v in _phases.values() if v == p))
+
+
+def record_stage(stage: str, start: str, end: str) -> None:
+    seconds = (_parse(end) - _parse(start)).total_seconds()
+    STAGE_SECONDS.labels(stage).observe(max(seconds, 0.0))
+
+
+def _parse(stamp: str) -> datetime:
+    return datetime.fromisoformat(stamp.replace("Z", "+00:00"))
+
+
+def serve(port: int) -> None:
+    start_http_server(port, registry=REGISTRY)
