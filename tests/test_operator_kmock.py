@@ -222,6 +222,17 @@ async def test_a_job_runs_through_every_stage_to_succeeded(cluster):
         ]
     }
     assert {"StageStarted", "StageSucceeded", "Succeeded"} <= reasons
+    from b3_operator.metrics import REGISTRY
+
+    assert REGISTRY.get_sample_value("b3_operator_jobs", {"phase": "Succeeded"}) >= 1
+    for stage in ("rank", "partition", "train"):
+        assert (
+            REGISTRY.get_sample_value("b3_operator_stage_duration_seconds_count", {"stage": stage})
+            >= 1
+        )
+    reconciles = sum(REGISTRY.get_sample_value("b3_operator_reconciles_total", {"trigger": t}) or 0
+                     for t in ("create", "update", "resume", "timer"))  # fmt: skip
+    assert reconciles >= 4  # create, then one per finished stage
 
 
 @pytest.mark.kmock(cls=ApiServer)
