@@ -71,14 +71,18 @@ def test_rayjob_validates_against_the_kuberay_crd():
     if not RAYJOB_CRD.exists():
         pytest.skip(f"{RAYJOB_CRD} is absent (the shared third-party CRDs)")
     import jsonschema
+    from test_operator_crd import _as_json_schema  # strict: unknown fields are errors
 
     crd = yaml.safe_load(RAYJOB_CRD.read_text())
-    schema = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")["schema"][
-        "openAPIV3Schema"
-    ]
+    version = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")
+    schema = _as_json_schema(version["schema"]["openAPIV3Schema"])
+    with_policies = {**RAY, "stages": {"rank": {"activeDeadlineSeconds": 3600}},
+                     "runPolicy": MULTI_NODE["runPolicy"], "template": MULTI_NODE["template"]}  # fmt: skip
+    for spec in (RAY, with_policies):
+        (rayjob,) = children.stage_child(body(spec), parse_spec(spec), "rank")
+        assert rayjob["apiVersion"] == "ray.io/v1" and rayjob["kind"] == "RayJob"
+        jsonschema.validate(rayjob, schema)
     (rayjob,) = children.stage_child(body(RAY), parse_spec(RAY), "rank")
-    assert rayjob["apiVersion"] == "ray.io/v1" and rayjob["kind"] == "RayJob"
-    jsonschema.validate(rayjob, schema)
     workers = rayjob["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]
     assert workers["replicas"] == 4
     bad = copy.deepcopy(rayjob)
