@@ -156,7 +156,19 @@ def stage_main(name: str, argv: list[str] | None = None) -> int:
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     argv = sys.argv[1:] if argv is None else argv
-    return run_stage(name, argv[0] if argv else os.environ.get("B3_MANIFEST", "/etc/b3/job.yaml"))
+    manifest = argv[0] if argv else os.environ.get("B3_MANIFEST", "/etc/b3/job.yaml")
+    port = os.environ.get("B3_METRICS_PORT")
+    if port and name != "train":  # the trainer serves its own metrics on that port
+        import contextlib
+
+        from b3 import stage_metrics
+
+        with contextlib.suppress(SpecError):  # run_stage reports the manifest's problem
+            stage_metrics.serve(load_manifest(manifest).name, int(port))
+    code = run_stage(name, manifest)
+    if port and name != "train":
+        stage_metrics.linger()
+    return code
 
 
 def eval_command(manifest: str, models: list[str], as_json: bool) -> int:

@@ -24,6 +24,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from b3 import graph as graphs
+from b3 import stage_metrics
 from b3.batches import B3BatchSampler, RandomBatchSampler
 from b3.data import DataError, Pairs, load_pairs
 from b3.hardness import batch_hardness
@@ -303,10 +304,31 @@ def partition_stage(job: B3Job) -> dict:
     )
     work.write_parquet(out, "partition", "clusters.parquet")
     work.write_json(stats, "partition", "stats.json")
+    if stage_metrics.active_job() is not None:
+        _publish_partition_metrics(job, work, out, stats)
     params = {"cluster_size": mining.cluster_size, "seed": mining.seed, "edges": mining.edges}
     return work.finish_stage(
         "partition", stage_fp, ["clusters.parquet", "stats.json"], params, stats, started
     )
+
+
+def _publish_partition_metrics(job: B3Job, work: WorkDir, clusters: pa.Table, stats: dict) -> None:
+    """Partition quality and epoch-0 batch hardness (B3 vs random) for the stage's metrics."""
+    name, mining = job.name, job.spec.mining
+    stage_metrics.EDGE_CUT.labels(name).set(stats["edge_cut_share"])
+    stage_metrics.INSIDE.labels(name).set(stats["s_edges_inside_share"])
+    stage_metrics.COMMUNITIES.labels(name).set(stats["communities"])
+    q_emb, p_emb = read_embeddings(work)
+    groups = clusters.column("group").to_numpy(zero_copy_only=False)
+    pos_group = clusters.column("positive_group").to_numpy()
+    samplers = {
+        "b3": B3BatchSampler(clusters.column("cluster").to_numpy(), mining.batch_size, groups,
+                             mix_tasks=mining.mix_tasks, seed=mining.seed),
+        "random": RandomBatchSampler(len(groups), mining.batch_size, mix_tasks=True, seed=mining.seed),
+    }  # fmt: skip
+    for kind, sampler in samplers.items():
+        hardness = batch_hardness(sampler.batches(0), q_emb, p_emb, pos_group, mining.cluster_size)
+        stage_metrics.HARDNESS.labels(name, kind).set(hardness["topk_negative"])
 
 
 # --- inspect -----------------------------------------------------------------------------

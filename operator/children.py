@@ -101,6 +101,7 @@ def pod_spec(
     job = body["metadata"]["name"]
     env = [{"name": "B3_MANIFEST", "value": MANIFEST_PATH},
            {"name": "B3_METRICS_PORT", "value": str(METRICS_PORT)},
+           {"name": "B3_METRICS_LINGER_SECONDS", "value": "45"},  # a last scrape before exit
            {"name": "PYTHONUNBUFFERED", "value": "1"}, *copy.deepcopy(t.env)]  # fmt: skip
     mounts = [{"name": "b3-spec", "mountPath": MANIFEST_DIR, "readOnly": True},
               {"name": "dshm", "mountPath": "/dev/shm"}, *copy.deepcopy(t.volume_mounts)]  # fmt: skip

@@ -295,3 +295,35 @@ def test_b3_run_killed_in_training_finishes_on_the_next_run(tmp_path, tiny_spec)
     assert "train: done" in out and "student (trained)" in out
     assert work.read_json("train", "manifest.json")["summary"]["steps"] == 10
     assert "student (trained)" in work.read_json("eval", "results.json")["models"]
+
+
+def test_stage_pods_serve_progress_partition_quality_and_hardness(tmp_path, tiny_spec, monkeypatch):
+    import socket
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from b3 import stage_metrics
+    from b3.cli import stage_main
+
+    monkeypatch.setattr(stage_metrics, "_job", None)  # restored after the test
+    manifest = write_manifest(tmp_path, tiny_spec)
+    assert main(["rank", str(manifest)]) == 0
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("B3_METRICS_PORT", str(port))
+    monkeypatch.setenv("B3_METRICS_LINGER_SECONDS", "0")
+    assert stage_main("partition", [str(manifest)]) == 0
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in text_string_to_metric_families(text) for s in family.samples}  # fmt: skip
+    stats = WorkDir(str(tmp_path / "work")).read_json("partition", "stats.json")
+    job = (("job", "test-job"),)
+    assert samples[("b3_partition_edge_cut_share", job)] == pytest.approx(stats["edge_cut_share"])
+    assert samples[("b3_partition_communities", job)] == stats["communities"]
+    step = (("job", "test-job"), ("step", "partition"))
+    assert samples[("b3_stage_progress_done", step)] == samples[("b3_stage_progress_total", step)] > 0
+    b3 = samples[("b3_batch_hardness", (("batches", "b3"), ("job", "test-job")))]
+    rnd = samples[("b3_batch_hardness", (("batches", "random"), ("job", "test-job")))]
+    assert b3 > rnd  # mined batches are harder by the teacher's measure
