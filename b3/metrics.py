@@ -35,7 +35,7 @@ class TrainMetrics:
         self.registry = registry or CollectorRegistry()
         self.job = job
         self.last_checkpoint = time.time()
-        labels = ["job"]
+        labels = ["b3job"]  # not "job": Prometheus reserves that for the scrape job
 
         def gauge(name: str, doc: str) -> Gauge:
             return Gauge(name, doc, labels, registry=self.registry).labels(job)

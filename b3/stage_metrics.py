@@ -23,18 +23,18 @@ STAGE_METRICS = (
 
 REGISTRY = CollectorRegistry()
 PROGRESS_DONE = Gauge("b3_stage_progress_done", "Items done by a long step (embed, rank, partition).",
-                      ["job", "step"], registry=REGISTRY)  # fmt: skip
-PROGRESS_TOTAL = Gauge("b3_stage_progress_total", "Items a long step will process.", ["job", "step"],
+                      ["b3job", "step"], registry=REGISTRY)  # fmt: skip
+PROGRESS_TOTAL = Gauge("b3_stage_progress_total", "Items a long step will process.", ["b3job", "step"],
                        registry=REGISTRY)  # fmt: skip
-EDGE_CUT = Gauge("b3_partition_edge_cut_share", "Share of graph edges cut between communities.", ["job"],
+EDGE_CUT = Gauge("b3_partition_edge_cut_share", "Share of graph edges cut between communities.", ["b3job"],
                  registry=REGISTRY)  # fmt: skip
 INSIDE = Gauge("b3_partition_s_edges_inside_share", "Share of rank-window edges inside a community.",
-               ["job"], registry=REGISTRY)  # fmt: skip
+               ["b3job"], registry=REGISTRY)  # fmt: skip
 COMMUNITIES = Gauge(
-    "b3_partition_communities", "Communities made by the partition.", ["job"], registry=REGISTRY
+    "b3_partition_communities", "Communities made by the partition.", ["b3job"], registry=REGISTRY
 )
 HARDNESS = Gauge("b3_batch_hardness", "Mean top-K in-batch negative teacher cosine of epoch-0 batches.",
-                 ["job", "batches"], registry=REGISTRY)  # fmt: skip
+                 ["b3job", "batches"], registry=REGISTRY)  # fmt: skip
 
 _job: str | None = None
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from datetime import datetime
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
@@ -17,6 +18,8 @@ RECONCILE_SECONDS = Histogram(
     "b3_operator_reconcile_seconds", "Time of one reconcile.", registry=REGISTRY
 )
 JOBS = Gauge("b3_operator_jobs", "B3Jobs by phase.", ["phase"], registry=REGISTRY)
+JOB_PHASE = Gauge("b3_operator_job_phase", "1 for each B3Job's current phase, 0 for the others.",
+                  ["namespace", "b3job", "phase"], registry=REGISTRY)  # fmt: skip
 STAGE_SECONDS = Histogram("b3_operator_stage_duration_seconds", "Wall time of finished stages.", ["stage"],
                           buckets=(60, 300, 900, 1800, 3600, 7200, 14400, 28800, 86400, 172800),
                           registry=REGISTRY)  # fmt: skip
@@ -26,10 +29,16 @@ _phases: dict[str, str] = {}  # namespace/name -> phase, for the JOBS gauge
 
 def record_phase(key: str, phase: str | None) -> None:
     """Track a job's phase (None: the job is gone) and refresh the per-phase counts."""
+    namespace, _, name = key.partition("/")
     if phase is None:
         _phases.pop(key, None)
+        for p in PHASES:
+            with contextlib.suppress(KeyError):
+                JOB_PHASE.remove(namespace, name, p)
     else:
         _phases[key] = phase
+        for p in PHASES:
+            JOB_PHASE.labels(namespace, name, p).set(1 if p == phase else 0)
     for p in PHASES:
         JOBS.labels(p).set(sum(1 for v in _phases.values() if v == p))
 

@@ -225,6 +225,9 @@ async def test_a_job_runs_through_every_stage_to_succeeded(cluster):
     from b3_operator.metrics import REGISTRY
 
     assert REGISTRY.get_sample_value("b3_operator_jobs", {"phase": "Succeeded"}) >= 1
+    labels = {"namespace": NS, "b3job": "job-1"}
+    assert REGISTRY.get_sample_value("b3_operator_job_phase", {**labels, "phase": "Succeeded"}) == 1
+    assert REGISTRY.get_sample_value("b3_operator_job_phase", {**labels, "phase": "Training"}) == 0
     for stage in ("rank", "partition", "train"):
         assert (
             REGISTRY.get_sample_value("b3_operator_stage_duration_seconds_count", {"stage": stage})

@@ -319,11 +319,13 @@ def test_stage_pods_serve_progress_partition_quality_and_hardness(tmp_path, tiny
     samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
                for family in text_string_to_metric_families(text) for s in family.samples}  # fmt: skip
     stats = WorkDir(str(tmp_path / "work")).read_json("partition", "stats.json")
-    job = (("job", "test-job"),)
+    job = (("b3job", "test-job"),)
     assert samples[("b3_partition_edge_cut_share", job)] == pytest.approx(stats["edge_cut_share"])
     assert samples[("b3_partition_communities", job)] == stats["communities"]
-    step = (("job", "test-job"), ("step", "partition"))
-    assert samples[("b3_stage_progress_done", step)] == samples[("b3_stage_progress_total", step)] > 0
-    b3 = samples[("b3_batch_hardness", (("batches", "b3"), ("job", "test-job")))]
-    rnd = samples[("b3_batch_hardness", (("batches", "random"), ("job", "test-job")))]
+    step = (("b3job", "test-job"), ("step", "partition"))
+    assert (
+        samples[("b3_stage_progress_done", step)] == samples[("b3_stage_progress_total", step)] > 0
+    )
+    b3 = samples[("b3_batch_hardness", (("b3job", "test-job"), ("batches", "b3")))]
+    rnd = samples[("b3_batch_hardness", (("b3job", "test-job"), ("batches", "random")))]
     assert b3 > rnd  # mined batches are harder by the teacher's measure

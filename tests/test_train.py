@@ -121,7 +121,9 @@ def test_metrics_endpoint_is_scraped_during_a_run(mined):
     for name in TRAIN_METRICS:
         assert name in families, name
     value = {f.name: f.samples[0] for f in families.values()}
-    assert value["b3_train_step"].labels == {"job": "metrics"} and value["b3_train_step"].value >= 3
+    assert (
+        value["b3_train_step"].labels == {"b3job": "metrics"} and value["b3_train_step"].value >= 3
+    )
     assert value["b3_train_total_steps"].value == 400
     assert np.isfinite(value["b3_train_loss"].value) and value["b3_train_loss"].value > 0
     assert 0 <= value["b3_train_inbatch_accuracy"].value <= 1
