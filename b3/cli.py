@@ -202,7 +202,8 @@ def eval_command(manifest: str, models: list[str], as_json: bool) -> int:
     results, by_config = {}, {}
     for name, config in candidates.items():
         model, pooling, max_length, model_prompts = config
-        key = (model, pooling, max_length, model_prompts and model_prompts.model_dump_json())
+        no_prompts = model_prompts is None or model_prompts == type(model_prompts)()
+        key = (model, pooling, max_length, None if no_prompts else model_prompts.model_dump_json())
         if key not in by_config:  # e.g. the untrained student is the teacher: embed once
             encoder = TextEncoder(
                 model, pooling=pooling, max_length=max_length, batch_size=spec.teacher.batch_size

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import platform
 import sys
@@ -177,6 +178,9 @@ def main() -> None:
     parser.add_argument("--merge", nargs="+", metavar="JSON",
                         help="no training: merge the runs of earlier results files into --out and plot them")  # fmt: skip
     args = parser.parse_args()
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     if args.merge:
         merge(args.merge, Path(args.out))
         return

@@ -197,9 +197,9 @@ def test_rank_stage_on_ray_workers_matches_in_process(tmp_path, tiny_spec, monke
     )
 
 
-def test_b3_run_does_every_stage_then_skips_them(tmp_path, tiny_spec, capsys):
+def test_b3_run_does_every_stage_then_skips_them(tmp_path, tiny_spec, capsys, monkeypatch):
     spec = {**tiny_spec, "dataset": {**tiny_spec["dataset"], "split": {"key": "source"}},
-            "training": {**tiny_spec["training"], "steps": 3, "lora": {"targetModules": ["query", "value"]}}}  # fmt: skip
+            "training": {**tiny_spec["training"], "steps": 3, "maxLength": 32, "lora": {"targetModules": ["query", "value"]}}}  # fmt: skip
     manifest = write_manifest(tmp_path, spec)
     assert run("run", manifest) == 0
     out = capsys.readouterr().out
@@ -213,6 +213,19 @@ def test_b3_run_does_every_stage_then_skips_them(tmp_path, tiny_spec, capsys):
     }
     assert run("run", manifest) == 0
     assert capsys.readouterr().out.count("up to date") == 3  # rank, partition, train
+    # eval embeds the test split once per distinct model: the teacher is the untrained student
+    import b3.teacher
+
+    encoders = []
+    real_encoder = b3.teacher.TextEncoder
+
+    def counting_encoder(model, *args, **kwargs):
+        encoders.append(model)
+        return real_encoder(model, *args, **kwargs)
+
+    monkeypatch.setattr(b3.teacher, "TextEncoder", counting_encoder)
+    assert run("eval", manifest) == 0
+    assert len(encoders) == 2, encoders
 
 
 def test_b3_run_stops_at_the_first_failing_stage(tmp_path, tiny_spec, capsys):
