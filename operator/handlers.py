@@ -89,16 +89,15 @@ def observe(body: dict[str, Any]) -> Observed:
         if stage not in STAGES or not _owned(job, uid):
             continue
         pods: list[dict[str, Any]] = []
-        if any(
-            c.get("type") == "Failed" and c.get("status") == "True"
-            for c in job.get("status", {}).get("conditions") or []
-        ):
+        finished = any(c.get("type") == "Complete" and c.get("status") == "True"
+                       for c in job.get("status", {}).get("conditions") or [])  # fmt: skip
+        if not finished:  # the failure message, or why running pods are stuck
             listed = core.list_namespaced_pod(
                 ns, label_selector=f"job-name={job['metadata']['name']}"
             )
             pods = [p for p in (_as_dict(p) for p in listed.items)
                     if (p["metadata"].get("labels") or {}).get("job-name") == job["metadata"]["name"]]  # fmt: skip
-        observed.stages[stage] = job_state(job, pods)
+        observed.stages[stage] = job_state(job, pods, now())
     try:
         rayjob = kubernetes.client.CustomObjectsApi().get_namespaced_custom_object(
             RAY_GROUP, RAY_VERSION, ns, RAY_PLURAL, children.child_name(name, "rank")

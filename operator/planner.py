@@ -19,6 +19,7 @@ import copy
 import hashlib
 import json
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 from b3.spec import SpecError, parse_spec
@@ -39,6 +40,7 @@ class ChildState:
     reason: str = ""
     message: str = ""
     completion_time: str | None = None
+    problem: tuple[str, str] | None = None  # (reason, message) of a stuck pod: see pod_problem
 
 
 @dataclass
@@ -86,7 +88,45 @@ def termination_message(pods: list[dict[str, Any]]) -> str:
     return failed[-1][1].strip() if failed else ""
 
 
-def job_state(job: dict[str, Any], pods: list[dict[str, Any]] = ()) -> ChildState:
+STUCK_WAITING = {"ImagePullBackOff", "ErrImagePull", "InvalidImageName", "CreateContainerConfigError",
+                 "CreateContainerError", "CrashLoopBackOff"}  # fmt: skip
+UNSCHEDULABLE_GRACE_SECONDS = 120  # an autoscaler may still be adding a node
+
+
+def _seconds_between(start: str, end: str) -> float:
+    parse = lambda t: datetime.fromisoformat(t.replace("Z", "+00:00"))  # noqa: E731
+    return (parse(end) - parse(start)).total_seconds()
+
+
+def pod_problem(pods: list[dict[str, Any]], now: str) -> tuple[str, str] | None:
+    """Why a running stage makes no progress, if its pods say so: a container stuck waiting
+    (image pull, config error, crash loop) or a pod unschedulable for over two minutes."""
+    for pod in pods:
+        name = pod["metadata"]["name"]
+        status = pod.get("status") or {}
+        for cs in status.get("containerStatuses") or []:
+            waiting = (cs.get("state") or {}).get("waiting") or {}
+            if waiting.get("reason") in STUCK_WAITING:
+                return waiting[
+                    "reason"
+                ], f"pod {name}: {waiting['reason']}: {waiting.get('message', '')}".rstrip(": ")
+        for c in status.get("conditions") or []:
+            if (
+                c.get("type") == "PodScheduled"
+                and c.get("status") == "False"
+                and c.get("reason") == "Unschedulable"
+            ):
+                since = (
+                    c.get("lastTransitionTime") or pod["metadata"].get("creationTimestamp") or now
+                )
+                if _seconds_between(since, now) >= UNSCHEDULABLE_GRACE_SECONDS:
+                    return "Unschedulable", f"pod {name}: {c.get('message', 'unschedulable')}"
+    return None
+
+
+def job_state(
+    job: dict[str, Any], pods: list[dict[str, Any]] = (), now: str | None = None
+) -> ChildState:
     """Summarise a batch/v1 Job (and its pods, for the failure message)."""
     name = job["metadata"]["name"]
     if _condition(job, "Complete"):
@@ -99,7 +139,7 @@ def job_state(job: dict[str, Any], pods: list[dict[str, Any]] = ()) -> ChildStat
         return ChildState("Job", name, "Failed", failed.get("reason", "Failed"), message)
     if (job.get("spec") or {}).get("suspend"):
         return ChildState("Job", name, "Suspended")
-    return ChildState("Job", name, "Running")
+    return ChildState("Job", name, "Running", problem=pod_problem(list(pods), now) if now else None)
 
 
 def rayjob_state(rayjob: dict[str, Any]) -> ChildState:
@@ -271,6 +311,7 @@ def plan(body: dict[str, Any], observed: Observed, now: str) -> Plan:
         elif not spec.suspend and child.state == "Suspended":
             actions.append(Action("resume", child.kind, child.name))
             events.append(("Normal", "Resuming", f"{stage}: resuming {child.kind} {child.name}"))
+        _stalled(status, child.problem, events, now)
         return _running(status, stage, spec.suspend, now, finish)
 
     status["stage"] = ""
@@ -280,6 +321,22 @@ def plan(body: dict[str, Any], observed: Observed, now: str) -> Plan:
         status, "Succeeded", True, "AllStagesSucceeded", "rank, partition and train succeeded", now
     )
     return finish("Succeeded", f"model in {spec.train_dir}/train/final/model")
+
+
+def _stalled(
+    status: dict[str, Any], problem: tuple[str, str] | None, events: list, now: str
+) -> None:
+    """The Stalled condition: a stage that looks running while its pods cannot start."""
+    was = any(
+        c["type"] == "Stalled" and c["status"] == "True" for c in status.get("conditions", [])
+    )
+    if problem is not None:
+        reason, message = problem
+        if not was:
+            events.append(("Warning", "Stalled", message))
+        set_condition(status, "Stalled", True, reason, message, now)
+    elif was:
+        set_condition(status, "Stalled", False, "PodsRunning", "", now)
 
 
 def _running(status: dict[str, Any], stage: str, suspend: bool, now: str, finish) -> Plan:

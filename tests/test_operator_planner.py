@@ -255,3 +255,48 @@ def test_job_state_carries_the_newest_failed_pods_termination_message():
 ])  # fmt: skip
 def test_rayjob_state(status, state):
     assert rayjob_state({"metadata": {"name": "r"}, "spec": {}, "status": status}).state == state
+
+
+def pod(name="job-1-rank-x", waiting=None, unschedulable_since=None) -> dict:
+    status: dict = {"phase": "Pending"}
+    if waiting:
+        status["containerStatuses"] = [
+            {"name": "stage", "state": {"waiting": {"reason": waiting, "message": "nope"}}}
+        ]
+    if unschedulable_since:
+        status["conditions"] = [{"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+                                 "message": "0/4 nodes have nvidia.com/gpu", "lastTransitionTime": unschedulable_since}]  # fmt: skip
+    return {"metadata": {"name": name}, "status": status}
+
+
+@pytest.mark.parametrize("pods, reason", [
+    ([pod(waiting="ImagePullBackOff")], "ImagePullBackOff"),
+    ([pod(waiting="CreateContainerConfigError")], "CreateContainerConfigError"),
+    ([pod(unschedulable_since="2026-11-23T09:55:00Z")], "Unschedulable"),  # 5 minutes before NOW
+    ([pod(unschedulable_since="2026-11-23T09:59:30Z")], None),  # 30 s: an autoscaler may add a node
+    ([pod(waiting="ContainerCreating")], None),
+    ([], None),
+])  # fmt: skip
+def test_pod_problem(pods, reason):
+    from b3_operator.planner import pod_problem
+
+    problem = pod_problem(pods, NOW)
+    assert (problem[0] if problem else None) == reason
+
+
+def test_a_running_stage_whose_pods_cannot_start_is_stalled_until_they_do():
+    job = {"metadata": {"name": "job-1-rank"}, "spec": {}, "status": {"active": 1}}
+    stuck = job_state(job, [pod(waiting="ImagePullBackOff")], NOW)
+    obs = Observed(configmap=True, stages={"rank": stuck})
+    result, actions, reasons = run(body(), obs)
+    assert actions == [] and result.status["phase"] == "Ranking" and reasons.count("Stalled") == 1
+    stalled = next(c for c in result.status["conditions"] if c["type"] == "Stalled")
+    assert stalled["status"] == "True" and stalled["reason"] == "ImagePullBackOff"
+    assert "job-1-rank-x" in stalled["message"]
+    # still stuck: no second event
+    again, _, reasons = run(body(status=result.status), obs, LATER)
+    assert "Stalled" not in reasons
+    # the image arrived
+    fine = Observed(configmap=True, stages={"rank": job_state(job, [], LATER)})
+    recovered, _, _ = run(body(status=again.status), fine, LATER)
+    assert conditions(recovered.status)["Stalled"] == "False"
