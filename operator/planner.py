@@ -193,8 +193,10 @@ def _validate(spec: dict[str, Any]):
     """The spec as the operator needs it: valid, and with paths a pod can reach."""
     parsed = parse_spec(spec)
     errors = []
-    for where, uri in (("spec.workDir", parsed.work_dir), ("spec.dataset.uri", parsed.dataset.uri)):
-        if "://" not in uri and not uri.startswith("/"):
+    paths = [("spec.workDir", parsed.work_dir), ("spec.dataset.uri", parsed.dataset.uri),
+             ("spec.training.outputDir", parsed.training.output_dir)]  # fmt: skip
+    for where, uri in paths:
+        if uri is not None and "://" not in uri and not uri.startswith("/"):
             errors.append(f"{where}: {uri!r} is relative; on Kubernetes give an absolute path on a "
                           "mounted volume or a URI (s3://...)")  # fmt: skip
     if errors:

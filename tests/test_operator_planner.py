@@ -194,6 +194,7 @@ def test_suspend_and_run_policy_may_change():
 @pytest.mark.parametrize("change, field", [
     ({"mining": {"batchSize": 64, "clusterSize": 24}}, "clusterSize"),
     ({"workDir": "relative/dir"}, "spec.workDir"),
+    ({"training": {"outputDir": "ckpt"}}, "spec.training.outputDir"),
 ])  # fmt: skip
 def test_an_invalid_spec_fails_without_children(change, field):
     result, actions, reasons = run(body(**change), Observed())
