@@ -143,6 +143,18 @@ def pod_spec(
     return pod
 
 
+def _with_run_policy(child: dict[str, Any], spec: B3JobSpec, stage: str) -> dict[str, Any]:
+    """Kueue queue label, stage deadline and TTL: a Job and a RayJob name these fields alike."""
+    if spec.run_policy.queue_name:
+        child["metadata"]["labels"][KUEUE_QUEUE_LABEL] = spec.run_policy.queue_name
+    deadline = getattr(spec.stages, stage).active_deadline_seconds
+    if deadline is not None:
+        child["spec"]["activeDeadlineSeconds"] = deadline
+    if spec.run_policy.ttl_seconds_after_finished is not None:
+        child["spec"]["ttlSecondsAfterFinished"] = spec.run_policy.ttl_seconds_after_finished
+    return child
+
+
 def _pod_failure_policy() -> dict[str, Any]:
     """Bad input (exit 2) fails the stage at once; evictions and preemptions are not failures."""
     return {
@@ -170,9 +182,6 @@ def stage_job(
     else:
         command = ["python", "-m", f"b3_jobs.{stage}", MANIFEST_PATH]
     pod = pod_spec(body, spec, stage, command)
-    meta = _meta(body, name, stage)
-    if spec.run_policy.queue_name:
-        meta["labels"][KUEUE_QUEUE_LABEL] = spec.run_policy.queue_name
     job_spec: dict[str, Any] = {
         "backoffLimit": policy.backoff_limit,
         "podFailurePolicy": _pod_failure_policy(),
@@ -187,11 +196,10 @@ def stage_job(
             completions=spec.training.nodes,
             parallelism=spec.training.nodes,
         )
-    if policy.active_deadline_seconds is not None:
-        job_spec["activeDeadlineSeconds"] = policy.active_deadline_seconds
-    if spec.run_policy.ttl_seconds_after_finished is not None:
-        job_spec["ttlSecondsAfterFinished"] = spec.run_policy.ttl_seconds_after_finished
-    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": meta, "spec": job_spec}
+    return _with_run_policy(
+        {"apiVersion": "batch/v1", "kind": "Job", "metadata": _meta(body, name, stage), "spec": job_spec},
+        spec, stage,
+    )  # fmt: skip
 
 
 def train_service(body: dict[str, Any]) -> dict[str, Any]:
@@ -227,13 +235,10 @@ def rank_rayjob(body: dict[str, Any], spec: B3JobSpec, suspend: bool = False) ->
 
     head = group_pod()
     head["spec"]["containers"][0]["resources"] = {"requests": {"cpu": "2", "memory": "8Gi"}}
-    meta = _meta(body, name, "rank")
-    if spec.run_policy.queue_name:
-        meta["labels"][KUEUE_QUEUE_LABEL] = spec.run_policy.queue_name
     rayjob: dict[str, Any] = {
         "apiVersion": "ray.io/v1",
         "kind": "RayJob",
-        "metadata": meta,
+        "metadata": _meta(body, name, "rank"),
         "spec": {
             # a constant string (RayJob's entrypoint is one), nothing from the spec in it
             "entrypoint": f"python -m b3_jobs.rank {MANIFEST_PATH}",
@@ -249,11 +254,7 @@ def rank_rayjob(body: dict[str, Any], spec: B3JobSpec, suspend: bool = False) ->
             },
         },
     }  # fmt: skip
-    if spec.stages.rank.active_deadline_seconds is not None:
-        rayjob["spec"]["activeDeadlineSeconds"] = spec.stages.rank.active_deadline_seconds
-    if spec.run_policy.ttl_seconds_after_finished is not None:
-        rayjob["spec"]["ttlSecondsAfterFinished"] = spec.run_policy.ttl_seconds_after_finished
-    return rayjob
+    return _with_run_policy(rayjob, spec, "rank")
 
 
 def stage_child(

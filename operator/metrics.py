@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import contextlib
-from datetime import datetime
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from b3_operator.crd import PHASES
+from b3_operator.planner import seconds_between
 
 REGISTRY = CollectorRegistry()
 RECONCILES = Counter("b3_operator_reconciles_total", "Reconciles of B3Jobs, by trigger.", ["trigger"],
@@ -44,12 +44,7 @@ def record_phase(key: str, phase: str | None) -> None:
 
 
 def record_stage(stage: str, start: str, end: str) -> None:
-    seconds = (_parse(end) - _parse(start)).total_seconds()
-    STAGE_SECONDS.labels(stage).observe(max(seconds, 0.0))
-
-
-def _parse(stamp: str) -> datetime:
-    return datetime.fromisoformat(stamp.replace("Z", "+00:00"))
+    STAGE_SECONDS.labels(stage).observe(max(seconds_between(start, end), 0.0))
 
 
 def serve(port: int) -> None:

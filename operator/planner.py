@@ -93,8 +93,12 @@ STUCK_WAITING = {"ImagePullBackOff", "ErrImagePull", "InvalidImageName", "Create
 UNSCHEDULABLE_GRACE_SECONDS = 120  # an autoscaler may still be adding a node
 
 
-def _seconds_between(start: str, end: str) -> float:
-    parse = lambda t: datetime.fromisoformat(t.replace("Z", "+00:00"))  # noqa: E731
+def seconds_between(start: str, end: str) -> float:
+    """Seconds from one RFC 3339 timestamp (as the API server writes them) to another."""
+
+    def parse(stamp: str) -> datetime:
+        return datetime.fromisoformat(stamp.replace("Z", "+00:00"))
+
     return (parse(end) - parse(start)).total_seconds()
 
 
@@ -119,7 +123,7 @@ def pod_problem(pods: list[dict[str, Any]], now: str) -> tuple[str, str] | None:
                 since = (
                     c.get("lastTransitionTime") or pod["metadata"].get("creationTimestamp") or now
                 )
-                if _seconds_between(since, now) >= UNSCHEDULABLE_GRACE_SECONDS:
+                if seconds_between(since, now) >= UNSCHEDULABLE_GRACE_SECONDS:
                     return "Unschedulable", f"pod {name}: {c.get('message', 'unschedulable')}"
     return None
 
