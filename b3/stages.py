@@ -318,17 +318,33 @@ def _publish_partition_metrics(job: B3Job, work: WorkDir, clusters: pa.Table, st
     stage_metrics.EDGE_CUT.labels(name).set(stats["edge_cut_share"])
     stage_metrics.INSIDE.labels(name).set(stats["s_edges_inside_share"])
     stage_metrics.COMMUNITIES.labels(name).set(stats["communities"])
+    by_kind = hardness_by_batches(work, clusters, mining, mining.cluster_size, 0, ("b3", "random"))
+    for kind, hardness in by_kind.items():
+        stage_metrics.HARDNESS.labels(name, kind).set(hardness["topk_negative"])
+
+
+def hardness_by_batches(
+    work: WorkDir, clusters: pa.Table, mining, top_k: int, epoch: int, kinds: tuple[str, ...]
+) -> dict[str, dict]:
+    """`batch_hardness` of one epoch's batches of each kind: b3 (mined), random_same_task,
+    random; with their count."""
     q_emb, p_emb = read_embeddings(work)
     groups = clusters.column("group").to_numpy(zero_copy_only=False)
     pos_group = clusters.column("positive_group").to_numpy()
     samplers = {
-        "b3": B3BatchSampler(clusters.column("cluster").to_numpy(), mining.batch_size, groups,
-                             mix_tasks=mining.mix_tasks, seed=mining.seed),
-        "random": RandomBatchSampler(len(groups), mining.batch_size, mix_tasks=True, seed=mining.seed),
+        "b3": lambda: B3BatchSampler(clusters.column("cluster").to_numpy(), mining.batch_size, groups,
+                                     mix_tasks=mining.mix_tasks, seed=mining.seed),
+        "random_same_task": lambda: RandomBatchSampler(len(groups), mining.batch_size, groups, seed=mining.seed),
+        "random": lambda: RandomBatchSampler(len(groups), mining.batch_size, mix_tasks=True, seed=mining.seed),
     }  # fmt: skip
-    for kind, sampler in samplers.items():
-        hardness = batch_hardness(sampler.batches(0), q_emb, p_emb, pos_group, mining.cluster_size)
-        stage_metrics.HARDNESS.labels(name, kind).set(hardness["topk_negative"])
+    out = {}
+    for kind in kinds:
+        batches = samplers[kind]().batches(epoch)
+        out[kind] = {
+            "count": len(batches),
+            **batch_hardness(batches, q_emb, p_emb, pos_group, top_k),
+        }
+    return out
 
 
 # --- inspect -----------------------------------------------------------------------------
@@ -340,28 +356,14 @@ def inspect_stage(job: B3Job, top_k: int | None = None, epoch: int = 0) -> dict:
     work = WorkDir(spec.work_dir)
     require_stage(work, "rank", ["embeddings.arrow"])
     require_stage(work, "partition", ["clusters.parquet"])
-    q_emb, p_emb = read_embeddings(work)
     clusters = work.read_parquet("partition", "clusters.parquet")
-    groups = clusters.column("group").to_numpy(zero_copy_only=False)
-    pos_group = clusters.column("positive_group").to_numpy()
     mining = spec.mining
     k = top_k or mining.cluster_size
-    samplers = {
-        "b3": B3BatchSampler(clusters.column("cluster").to_numpy(), mining.batch_size, groups,
-                             mix_tasks=mining.mix_tasks, seed=mining.seed),
-        "random_same_task": RandomBatchSampler(len(groups), mining.batch_size, groups, seed=mining.seed),
-        "random": RandomBatchSampler(len(groups), mining.batch_size, mix_tasks=True, seed=mining.seed),
-    }  # fmt: skip
-    result = {"batch_size": mining.batch_size, "top_k": k, "epoch": epoch, "batches": {}}
-    for name, sampler in samplers.items():
-        batches = sampler.batches(epoch)
-        result["batches"][name] = {
-            "count": len(batches),
-            **batch_hardness(batches, q_emb, p_emb, pos_group, k),
-        }
-    b3, rnd = result["batches"]["b3"]["topk_negative"], result["batches"]["random"]["topk_negative"]
-    result["hardness_ratio_vs_random"] = b3 / rnd if rnd else float("inf")
-    result["hardness_ratio_vs_random_same_task"] = (
-        b3 / result["batches"]["random_same_task"]["topk_negative"]
+    batches = hardness_by_batches(
+        work, clusters, mining, k, epoch, ("b3", "random_same_task", "random")
     )
+    result = {"batch_size": mining.batch_size, "top_k": k, "epoch": epoch, "batches": batches}
+    b3, rnd = batches["b3"]["topk_negative"], batches["random"]["topk_negative"]
+    result["hardness_ratio_vs_random"] = b3 / rnd if rnd else float("inf")
+    result["hardness_ratio_vs_random_same_task"] = b3 / batches["random_same_task"]["topk_negative"]
     return result
