@@ -9,7 +9,8 @@ In multi-process training give each process `rank` and `world_size`: it then yie
 Remainder: every batch holds exactly `batch_size` rows. A group (task) whose size is not a
 multiple of `batch_size` has `n % batch_size` rows left over each epoch; with
 `drop_last=True` (the default) they sit out that epoch, and because the community order is
-reshuffled every epoch a different set sits out each time. With `drop_last=False` they form
+reshuffled every epoch (and the short community moves, see `B3BatchSampler`) a different set
+sits out each time: no row sits out every epoch. With `drop_last=False` they form
 one shorter last batch per group, and every row appears exactly once per epoch.
 """
 
@@ -120,8 +121,14 @@ class B3BatchSampler(_GroupedBatchSampler):
     Each batch is `batch_size / K` communities drawn at random from one group (task): the
     communities are shuffled, their members shuffled within them, and the sequence is cut
     into batches. Communities of the full size K come first so that, when K divides
-    `batch_size`, every batch is exactly `batch_size / K` whole communities; smaller or larger
-    communities are packed into the remaining places so that batch sizes stay exact.
+    `batch_size`, every batch is exactly `batch_size / K` whole communities; other sizes are
+    packed into the remaining places so that batch sizes stay exact.
+
+    The short community (the partition stage leaves one of `n % K` rows per group, s rows)
+    would always land in the remainder and never train. So each epoch it joins a random full
+    community D: the s rows and K - s of D's rows form one block of K at D's place, and D's
+    other s rows take the short community's place at the end. One block per epoch mixes two
+    communities; every row trains.
 
     Args:
         clusters: community id of each row (from the partition stage's clusters.parquet).
@@ -186,7 +193,16 @@ class B3BatchSampler(_GroupedBatchSampler):
         rank_of_comm = np.empty(len(comms), dtype=np.int64)
         rank_of_comm[comm_order] = np.arange(len(comms))
         within = rng.random(len(members))
-        return members[np.lexsort((within, rank_of_comm[inverse]))]
+        block = rank_of_comm[inverse].astype(np.float64)  # (rows,) sort key: the row's place
+        short = np.flatnonzero(sizes < self.cluster_size)
+        full = np.flatnonzero(sizes == self.cluster_size)
+        if len(short) == 1 and len(full):  # the short community moves (class docs)
+            s, donor = int(sizes[short[0]]), rng.choice(full)
+            in_short, in_donor = inverse == short[0], np.flatnonzero(inverse == donor)
+            block[in_short], within[in_short] = rank_of_comm[donor], -1.0  # first in D's block
+            leaving = in_donor[np.argsort(within[in_donor])[self.cluster_size - s :]]
+            block[leaving] = len(comms)  # D's last s rows go to the end
+        return members[np.lexsort((within, block))]
 
 
 class RandomBatchSampler(_GroupedBatchSampler):
@@ -214,9 +230,11 @@ class HardNegativeSampler:
 
     restricted to candidates j that are not batch members, do not share a member's positive
     text, and are not in any member's top p (those are likely false negatives of some
-    member). A batch of b rows gets h * b draws without replacement; when fewer candidates
-    have c_j > 0, the rest are drawn uniformly from the other rows of the batch's group under the same
-    exclusions. The draw is a pure function of (batch, seed, epoch, batch index).
+    member). A batch of b rows gets exactly h * b negatives (so that every process gathers
+    the same number): drawn without replacement from the ranked candidates; when fewer have
+    c_j > 0, the rest uniformly from the other rows of the batch's group, then from the whole
+    set, under the same exclusions; a set too small even for that repeats rows. The draw is a
+    pure function of (batch, seed, epoch, batch index).
 
     Args:
         neighbors: (N, p + m) ranked neighbours per row (global rows, -1 padded).
@@ -269,12 +287,19 @@ class HardNegativeSampler:
             if take
             else np.empty(0, np.int64)
         )
-        if take < want:  # too few ranked candidates: top up uniformly from the group
-            pool = np.flatnonzero(self.groups == self.groups[batch[0]])
-            pool = pool[
-                ~np.isin(pool, np.union1d(banned, chosen))
-                & ~np.isin(self.positive_group[pool], forbidden_groups)
-            ]
-            extra = rng.choice(pool, size=min(want - take, len(pool)), replace=False)
-            chosen = np.concatenate([chosen, extra])
+        everyone = np.arange(len(self.groups))
+        allowed = everyone[~np.isin(everyone, banned)
+                           & ~np.isin(self.positive_group, forbidden_groups)]  # fmt: skip
+        for pool in (allowed[self.groups[allowed] == self.groups[batch[0]]], allowed):
+            if len(chosen) < want:  # too few ranked candidates: top up uniformly
+                pool = pool[~np.isin(pool, chosen)]
+                extra = rng.choice(pool, size=min(want - len(chosen), len(pool)), replace=False)
+                chosen = np.concatenate([chosen, extra])
+        if len(chosen) < want:  # fewer allowed rows than negatives wanted: repeat some
+            if not len(allowed):
+                raise ValueError(
+                    f"mining.hardNegatives: no row can be a negative of a batch of {len(batch)} "
+                    f"(every row is in the batch, a member's top p, or shares a positive)"
+                )
+            chosen = np.concatenate([chosen, rng.choice(allowed, size=want - len(chosen))])
         return chosen.astype(np.int64)

@@ -11,8 +11,9 @@
     b3 schema                 the B3Job spec as a CRD OpenAPI v3 schema (JSON)
 
 Exit codes: 0 done (or already done), 2 bad input (manifest or data; the message names the
-problem and, inside a pod, also goes to the termination log), 1 anything else (a training
-failure's message goes to the termination log too).
+problem and, inside a pod, also goes to the termination log), 143 training stopped by SIGTERM
+after writing a checkpoint (a rerun resumes there), 1 anything else (a training failure's
+message goes to the termination log too).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import sys
 from collections.abc import Callable
 
 from b3.data import EXIT_BAD_INPUT, DataError
-from b3.errors import TrainingError
+from b3.errors import TrainingError, TrainingStopped
 from b3.spec import SpecError, load_manifest, spec_openapi_schema, spec_to_dict
 
 log = logging.getLogger("b3")
@@ -96,10 +97,12 @@ def run_stage(name: str, manifest: str) -> int:
     try:
         job = load_manifest(manifest)
         record = _stage_runner(name)(job)
-    except (SpecError, DataError, TrainingError) as err:
+    except (SpecError, DataError, TrainingError, TrainingStopped) as err:
         message = f"{name}: {err}"
         print(message, file=sys.stderr)
         write_termination_message(message)
+        if isinstance(err, TrainingStopped):
+            return TrainingStopped.exit_code
         return 1 if isinstance(err, TrainingError) else EXIT_BAD_INPUT
     if record:  # processes other than rank 0 of a training gang report nothing
         _print_record(name, record)
@@ -173,29 +176,28 @@ def stage_main(name: str, argv: list[str] | None = None) -> int:
 
 def eval_command(manifest: str, models: list[str], as_json: bool) -> int:
     """Retrieval metrics of several models on the held-out split, as a table or JSON."""
+    from b3.artifacts import Artifacts
     from b3.data import load_pairs
     from b3.evaluation import evaluate_encoder
-    from b3.storage import WorkDir
     from b3.teacher import TextEncoder
 
     spec = load_manifest(manifest).spec
     if spec.dataset.split is None:
         raise DataError("dataset.split is not set, so there is no held-out split to evaluate on")
     pairs = load_pairs(spec.dataset, min_rows=1, split="test")
-    work, out = WorkDir(spec.work_dir), WorkDir(spec.train_dir)
+    artifacts = Artifacts(spec)
     t = spec.training
     prompts = spec.dataset.prompts
     # name -> (model, pooling, max length, prompts)
     candidates = {"teacher": (spec.teacher.model, spec.teacher.pooling, spec.teacher.max_length,
                               prompts if spec.teacher.use_prompts else None),
                   "student (untrained)": (t.student, t.pooling, t.max_length, prompts)}  # fmt: skip
-    if out.local and out.exists("train", "final", "model", "config.json"):
-        candidates["student (trained)"] = (
-            out.local_path("train", "final", "model"),
-            t.pooling,
-            t.max_length,
-            prompts,
-        )
+    trained = artifacts.trained_model()  # only a model trained with this spec
+    if trained is not None:
+        candidates["student (trained)"] = (trained, t.pooling, t.max_length, prompts)
+    elif artifacts.out.exists("train", "final"):
+        log.warning("eval: %s was trained with another spec or did not finish; not evaluated "
+                    "(run `b3 train`)", artifacts.out.path("train", "final"))  # fmt: skip
     for entry in models:
         name, _, path = entry.rpartition("=")
         candidates[name or path] = (path, t.pooling, t.max_length, prompts)
@@ -215,8 +217,8 @@ def eval_command(manifest: str, models: list[str], as_json: bool) -> int:
         "dataset": spec.dataset.uri,
         "models": results,
     }
-    if work.local:
-        work.write_json(report, "eval", "results.json")
+    if artifacts.work.local:
+        artifacts.work.write_json(report, "eval", "results.json")
     if as_json:
         print(json.dumps(report, indent=2))
         return 0

@@ -21,7 +21,7 @@ import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
 from b3.spec import DatasetSpec
-from b3.storage import fingerprint, resolve_filesystem
+from b3.storage import resolve_filesystem
 
 EXIT_BAD_INPUT = 2
 SINGLE_TASK = "all"
@@ -46,7 +46,6 @@ class Pairs:
     positives: np.ndarray  # (N,) str
     tasks: np.ndarray  # (N,) str
     positive_group: np.ndarray  # (N,) int64, equal for rows with identical positive text
-    source_fingerprint: str  # identity of the file and of the columns and split used
     held_out: int  # rows of the file left out as the test split
 
     def __len__(self) -> int:
@@ -85,8 +84,7 @@ def _detect_format(path: str, declared: str) -> str:
     )
 
 
-def read_table(spec: DatasetSpec) -> tuple[pa.Table, str]:
-    """The whole file as an Arrow table, and a fingerprint of the file (size and mtime)."""
+def _stat(spec: DatasetSpec):
     try:
         fs, path = resolve_filesystem(spec.uri)
         info = fs.get_file_info(path)
@@ -94,6 +92,19 @@ def read_table(spec: DatasetSpec) -> tuple[pa.Table, str]:
         raise DataError(f"dataset {spec.uri}: cannot open ({err})") from None
     if info.type.name == "NotFound":
         raise DataError(f"dataset {spec.uri}: no such file")
+    return fs, path, info
+
+
+def dataset_identity(spec: DatasetSpec) -> dict:
+    """What says the dataset file is the one a stage read: its size and modification time
+    (a stat, not a read; the URI and columns are spec fields)."""
+    _, _, info = _stat(spec)
+    return {"size": info.size, "mtime_ns": info.mtime_ns}
+
+
+def read_table(spec: DatasetSpec) -> pa.Table:
+    """The whole file as an Arrow table."""
+    fs, path, _ = _stat(spec)
     fmt = _detect_format(path, spec.format)
     try:
         if fmt == "parquet":
@@ -109,7 +120,7 @@ def read_table(spec: DatasetSpec) -> tuple[pa.Table, str]:
                     )
     except (pa.ArrowException, OSError, ValueError) as err:
         raise DataError(f"dataset {spec.uri}: unreadable as {fmt} ({err})") from None
-    return table, fingerprint(spec.uri, info.size, info.mtime_ns)
+    return table
 
 
 def _text_column(table: pa.Table, name: str, role: str, uri: str) -> np.ndarray:
@@ -133,7 +144,7 @@ def load_pairs(spec: DatasetSpec, min_rows: int, split: str = "train") -> Pairs:
     Raises DataError for: an unreadable file, missing columns, null or empty texts, duplicate
     ids, and fewer than `min_rows` rows in the split (one batch, for training).
     """
-    table, file_fp = read_table(spec)
+    table = read_table(spec)
     cols = spec.columns
     wanted = {"query": cols.query, "positive": cols.positive, "task": cols.task, "id": cols.id}
     if spec.split is not None:
@@ -194,8 +205,5 @@ def load_pairs(spec: DatasetSpec, min_rows: int, split: str = "train") -> Pairs:
         positives=positives,
         tasks=tasks,
         positive_group=unique_texts(positives)[1],
-        source_fingerprint=fingerprint(
-            file_fp, spec.columns.model_dump(), spec.split and spec.split.model_dump(), split
-        ),
         held_out=int((~keep).sum()),
     )

@@ -1,11 +1,11 @@
 """The mining stages as plain functions of a validated job: rank, partition, inspect.
 
 Each stage reads its inputs, checks them before spending compute (DataError -> exit 2),
-skips itself when `<work>/<stage>/manifest.json` already records the same fingerprint, and
-writes its artifacts atomically, manifest last. The CLI and the stage programs in `jobs/`
-call these functions and nothing else.
+skips itself when its manifest records the fingerprint of the current spec, and otherwise
+follows the protocol of `b3.artifacts` (manifest removed first, outputs atomic, manifest
+last). The CLI and the stage programs in `jobs/` call these functions and nothing else.
 
-Artifacts (DESIGN.md):
+Artifacts (the layout is `b3.artifacts`'):
     rank/embeddings.arrow   row, id, query, positive (fixed-size float16 vectors)
     rank/topk.parquet       row, id, task, group, positive_group, skip, window,
                             neighbors (p+m global rows, best first), scores
@@ -25,6 +25,7 @@ import pyarrow.parquet as pq
 
 from b3 import graph as graphs
 from b3 import stage_metrics
+from b3.artifacts import Artifacts
 from b3.batches import B3BatchSampler, RandomBatchSampler
 from b3.data import DataError, Pairs, load_pairs
 from b3.hardness import batch_hardness
@@ -32,14 +33,10 @@ from b3.progress import progress
 from b3.ranking import assign_mining_groups, clamp_window, rank_groups
 from b3.raycluster import use_ray
 from b3.spec import B3Job
-from b3.storage import WorkDir, fingerprint
+from b3.storage import WorkDir
 from b3.teacher import embed_texts, pick_device
 
 log = logging.getLogger(__name__)
-
-RANK_VERSION = 1
-PARTITION_VERSION = 1
-
 
 # --- rank --------------------------------------------------------------------------------
 
@@ -94,7 +91,11 @@ def _rank_device(spec) -> str:
 def rank_stage(job: B3Job) -> dict:
     """Embed every training row with the teacher and keep its top p+m positives."""
     spec, started = job.spec, time.time()
-    work = WorkDir(spec.work_dir)
+    artifacts = Artifacts(spec)
+    work = artifacts.work
+    done = artifacts.done("rank")
+    if done:
+        return {**done, "skipped": True}
     pairs = load_pairs(spec.dataset, min_rows=spec.mining.batch_size)
     mining = spec.mining
     if len(pairs) - 1 <= mining.window:
@@ -105,23 +106,8 @@ def rank_stage(job: B3Job) -> dict:
     groups = assign_mining_groups(
         pairs.tasks, mining.per_task, mining.pool_below, mining.batch_size
     )
-    teacher = spec.teacher.model_dump()
-    embed_fp = fingerprint(
-        RANK_VERSION,
-        pairs.source_fingerprint,
-        teacher,
-        spec.dataset.prompts.model_dump() if spec.teacher.use_prompts else None,
-    )
-    stage_fp = fingerprint(embed_fp, mining.p, mining.m, mining.per_task, mining.pool_below)
-    done = work.finished_stage("rank", stage_fp)
-    if done:
-        return {**done, "skipped": True}
-
-    # Embeddings are kept on their own, so a failure while ranking does not cost them.
-    if (
-        work.exists("rank", "embeddings.json")
-        and work.read_json("rank", "embeddings.json").get("fingerprint") == embed_fp
-    ):
+    artifacts.begin("rank")
+    if artifacts.embeddings_current():
         log.info("rank: reusing embeddings from %s", work.path("rank", "embeddings.arrow"))
         q_emb, p_emb = read_embeddings(work)
     else:
@@ -131,8 +117,7 @@ def rank_stage(job: B3Job) -> dict:
         p_emb = embed_texts(
             spec.teacher, positives, "embed positives", rs.workers, rs.gpus_per_worker
         )
-        work.write_arrow(_embeddings_table(pairs, q_emb, p_emb), "rank", "embeddings.arrow")
-        work.write_json({"fingerprint": embed_fp}, "rank", "embeddings.json")
+        artifacts.write_embeddings(_embeddings_table(pairs, q_emb, p_emb))
         # rank on exactly what was stored, so the artifacts reproduce the ranking
         q_emb, p_emb = (
             q_emb.astype(np.float16).astype(np.float32),
@@ -183,23 +168,10 @@ def rank_stage(job: B3Job) -> dict:
         "notes": groups.notes + [f"window clamped in {len(clamped)} small groups"] * bool(clamped),
         "clamped": clamped,
     }
-    params = {"teacher": teacher, "p": mining.p, "m": mining.m, "per_task": mining.per_task}
-    return work.finish_stage(
-        "rank", stage_fp, ["embeddings.arrow", "topk.parquet"], params, summary, started
-    )
+    return artifacts.finish("rank", summary, started)
 
 
 # --- partition ---------------------------------------------------------------------------
-
-
-def require_stage(work: WorkDir, stage: str, outputs: list[str]) -> dict:
-    missing = [name for name in ["manifest.json", *outputs] if not work.exists(stage, name)]
-    if missing:
-        raise DataError(
-            f"{stage} stage output missing in {work.path(stage)}: {', '.join(missing)}; "
-            f"run `b3 {stage}` first"
-        )
-    return work.read_json(stage, "manifest.json")
 
 
 def read_topk(work: WorkDir, columns: list[str] | None = None) -> tuple[pa.Table, np.ndarray]:
@@ -222,15 +194,14 @@ def read_topk(work: WorkDir, columns: list[str] | None = None) -> tuple[pa.Table
 def partition_stage(job: B3Job) -> dict:
     """Cut each group's S-graph into communities of clusterSize rows with METIS."""
     spec, started = job.spec, time.time()
-    work = WorkDir(spec.work_dir)
-    rank = require_stage(work, "rank", ["topk.parquet"])
-    mining = spec.mining
-    stage_fp = fingerprint(
-        PARTITION_VERSION, rank["fingerprint"], mining.cluster_size, mining.seed, mining.edges
-    )
-    done = work.finished_stage("partition", stage_fp)
+    artifacts = Artifacts(spec)
+    work = artifacts.work
+    done = artifacts.done("partition")
     if done:
         return {**done, "skipped": True}
+    artifacts.require("rank")
+    mining = spec.mining
+    artifacts.begin("partition")
 
     meta = ["row", "id", "task", "group", "positive_group", "skip", "window"]
     table, neighbors = read_topk(work, meta)
@@ -306,10 +277,7 @@ def partition_stage(job: B3Job) -> dict:
     work.write_json(stats, "partition", "stats.json")
     if stage_metrics.active_job() is not None:
         _publish_partition_metrics(job, work, out, stats)
-    params = {"cluster_size": mining.cluster_size, "seed": mining.seed, "edges": mining.edges}
-    return work.finish_stage(
-        "partition", stage_fp, ["clusters.parquet", "stats.json"], params, stats, started
-    )
+    return artifacts.finish("partition", stats, started)
 
 
 def _publish_partition_metrics(job: B3Job, work: WorkDir, clusters: pa.Table, stats: dict) -> None:
@@ -353,9 +321,10 @@ def hardness_by_batches(
 def inspect_stage(job: B3Job, top_k: int | None = None, epoch: int = 0) -> dict:
     """Hardness of mined batches against random batches of the same size (one epoch)."""
     spec = job.spec
-    work = WorkDir(spec.work_dir)
-    require_stage(work, "rank", ["embeddings.arrow"])
-    require_stage(work, "partition", ["clusters.parquet"])
+    artifacts = Artifacts(spec)
+    artifacts.require("rank")
+    artifacts.require("partition")
+    work = artifacts.work
     clusters = work.read_parquet("partition", "clusters.parquet")
     mining = spec.mining
     k = top_k or mining.cluster_size

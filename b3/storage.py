@@ -1,9 +1,5 @@
-"""The work directory: atomic artifact writes and stage manifests, on any pyarrow filesystem.
-
-Every stage writes its artifacts under `<work>/<stage>/` and, last, `<work>/<stage>/manifest.json`
-holding a fingerprint of its inputs and parameters. A stage whose manifest carries the same
-fingerprint, with every listed output present, is finished and is skipped; a pod killed half
-way leaves no manifest (or an old one) and the stage runs again.
+"""Atomic file writes on any pyarrow filesystem (what artifacts are written with; which
+artifacts exist and when they may be trusted is `b3.artifacts`).
 
 On a local or mounted filesystem a write goes to a temporary name in the same folder, is
 fsynced, and is renamed into place, so a reader never sees half a file. Object stores
@@ -17,7 +13,6 @@ import hashlib
 import io
 import json
 import os
-import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -123,41 +118,3 @@ class WorkDir:
                 return ipc.open_file(source).read_all()
         with self.fs.open_input_file(self.path(*parts)) as source:
             return ipc.open_file(source).read_all()
-
-    # --- stage manifests -----------------------------------------------------------------
-
-    def finished_stage(self, stage: str, stage_fingerprint: str) -> dict | None:
-        """The stage's manifest if it finished with this fingerprint and its outputs exist."""
-        if not self.exists(stage, "manifest.json"):
-            return None
-        try:
-            record = self.read_json(stage, "manifest.json")
-        except (OSError, ValueError):
-            return None
-        if record.get("fingerprint") != stage_fingerprint:
-            return None
-        if not all(self.exists(stage, name) for name in record.get("outputs", [])):
-            return None
-        return record
-
-    def finish_stage(
-        self,
-        stage: str,
-        stage_fingerprint: str,
-        outputs: list[str],
-        params: dict,
-        summary: dict,
-        started: float,
-    ) -> dict:
-        """Write the manifest that marks a stage done; call it after every output is written."""
-        record = {
-            "stage": stage,
-            "fingerprint": stage_fingerprint,
-            "outputs": outputs,
-            "params": params,
-            "summary": summary,
-            "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
-            "seconds": round(time.time() - started, 3),
-        }
-        self.write_json(record, stage, "manifest.json")
-        return record

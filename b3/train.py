@@ -9,8 +9,13 @@ from the newest checkpoint, `train` is the loop, `save_checkpoint` / `export` wr
 
 Multi-process: every process builds the same sampler, takes the same global batch, and embeds
 its contiguous slice `rank` of it; the loss gathers all slices (see `b3.loss`), and gradients
-of the LoRA parameters are averaged over processes before the optimizer step, so every
-process holds identical weights and rank 0 alone writes checkpoints.
+of the LoRA parameters are averaged over processes (one flattened all-reduce) before the
+optimizer step, so every process holds identical weights and rank 0 alone writes
+checkpoints. Whatever must be one decision for the gang (skip a finished stage, which
+checkpoint to resume, stop on SIGTERM) is rank 0's, or agreed in a collective.
+
+Checkpoints live in `b3.artifacts`' folder of this config's train fingerprint: a changed
+config starts afresh instead of resuming another config's weights.
 """
 
 from __future__ import annotations
@@ -31,20 +36,18 @@ from peft import set_peft_model_state_dict
 from safetensors.torch import load_file
 from transformers import get_linear_schedule_with_warmup
 
+from b3.artifacts import Artifacts
 from b3.batches import B3BatchSampler, HardNegativeSampler, RandomBatchSampler
 from b3.data import DataError, load_pairs
-from b3.errors import TrainingError
+from b3.errors import TrainingError, TrainingStopped
 from b3.false_negatives import TeacherScoreFilter, TopPFilter
 from b3.loss import CachedInfoNCELoss, InfoNCELoss
 from b3.metrics import TrainMetrics
 from b3.model import EmbeddingModel, build_student, export_sentence_transformer
 from b3.spec import B3Job, spec_to_dict
-from b3.stages import read_embeddings, read_topk, require_stage
-from b3.storage import WorkDir, fingerprint
+from b3.stages import read_embeddings, read_topk
 
 log = logging.getLogger("b3.train")
-
-TRAIN_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -81,6 +84,7 @@ class EpochBatches(torch.utils.data.Dataset):
         start: int,
         tokenize,
         false_negatives=None,
+        gathered: bool = True,
     ):
         self.batches = sampler.batches(epoch)[start:]
         self.false_negatives = false_negatives
@@ -89,6 +93,7 @@ class EpochBatches(torch.utils.data.Dataset):
         self.positive_group = positive_group
         self.epoch, self.start = epoch, start
         self.tokenize = tokenize
+        self.gathered = gathered  # the loss scores every process's columns, or only its own
 
     def __len__(self) -> int:
         return len(self.batches)
@@ -106,10 +111,10 @@ class EpochBatches(torch.utils.data.Dataset):
             negs = self.sampler.local(hard_rows)
             item["hard"] = self.tokenize([self.positives[r] for r in negs])
             item["hard_groups"] = torch.as_tensor(self.positive_group[negs])
-        if self.false_negatives is not None:  # against the gathered columns: batch, then hard
-            columns = (
-                np.concatenate([batch, hard_rows]) if self.hard is not None else np.asarray(batch)
-            )
+        if self.false_negatives is not None:  # in the loss's column order: positives, then hard
+            pos, neg = (batch, hard_rows if self.hard is not None else []) if self.gathered else (
+                rows, negs if self.hard is not None else [])  # fmt: skip
+            columns = np.concatenate([pos, neg]).astype(np.int64)
             item["mask"] = torch.as_tensor(self.false_negatives.mask(np.asarray(rows), columns))
         return item
 
@@ -125,14 +130,20 @@ def _to(item: dict, device: torch.device) -> dict:
 
 
 def average_gradients(params: list[torch.nn.Parameter], world: int) -> None:
-    """Mean of each gradient over processes (each process's loss is a mean over its slice)."""
+    """Mean of each gradient over processes (each process's loss is a mean over its slice).
+
+    One all-reduce of all gradients flattened into a bucket: a LoRA model has hundreds of
+    small adapter tensors, and one collective each would cost a latency each."""
     if world == 1:
         return
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-        dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
-        p.grad /= world
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    bucket = torch.cat([g.reshape(-1) for g in grads])  # (total parameters,)
+    dist.all_reduce(bucket, op=dist.ReduceOp.SUM)
+    bucket /= world
+    offset = 0
+    for p, g in zip(params, grads, strict=True):
+        p.grad = bucket[offset : offset + g.numel()].view_as(g).clone()
+        offset += g.numel()
 
 
 def compute_gradients(
@@ -141,9 +152,11 @@ def compute_gradients(
     item: dict,
     mini_batch_size: int | None,
     world: int,
-) -> tuple[float, float]:
+    stop: bool = False,
+) -> tuple[float, float, bool]:
     """Forward and backward for one global batch (this process's slice); returns the global
-    mean loss and in-batch accuracy. Parameter gradients are left averaged over processes."""
+    mean loss, in-batch accuracy, and whether any process asked to stop (`stop`, e.g. it got
+    SIGTERM). Parameter gradients are left averaged over processes."""
     hard, hard_groups, mask = item.get("hard"), item.get("hard_groups"), item.get("mask")
     if mini_batch_size is None:
         q = student(item["query"])  # (b, d)
@@ -157,11 +170,12 @@ def compute_gradients(
             student, item["query"], item["positive"], hard, item["groups"], hard_groups, mask
         )
     average_gradients([p for p in student.parameters() if p.requires_grad], world)
-    stats = torch.stack([loss, loss_fn.last_accuracy]).float()
+    # the stop request rides on the statistics' all-reduce: the gang agrees without a collective more
+    stats = torch.stack([loss.float(), loss_fn.last_accuracy.float().to(loss.device),
+                         torch.tensor(float(stop), device=loss.device)])  # fmt: skip
     if world > 1:
         dist.all_reduce(stats, op=dist.ReduceOp.SUM)
-        stats /= world
-    return float(stats[0]), float(stats[1])
+    return float(stats[0]) / world, float(stats[1]) / world, bool(stats[2] > 0)
 
 
 # --- the recipe --------------------------------------------------------------------------
@@ -179,8 +193,9 @@ class Trainer:
     ):
         spec, t, mining = job.spec, job.spec.training, job.spec.mining
         self.job, self.spec, self.dist = job, spec, dist_env
-        self.work = WorkDir(spec.work_dir)  # rank and partition outputs
-        self.out = WorkDir(spec.train_dir)  # checkpoints, final model, the stage manifest
+        self.artifacts = Artifacts(spec)
+        self.work = self.artifacts.work  # rank and partition outputs
+        self.out = self.artifacts.out  # checkpoints, final model, the stage manifest
         if not self.out.local:
             raise DataError(
                 f"training.outputDir {spec.train_dir}: training checkpoints need a local or mounted path (a PVC), not an object store"
@@ -201,19 +216,35 @@ class Trainer:
         self.fault_at_step = fault_at_step
         self.step = self.epoch = self.batch_in_epoch = 0
         self.started = time.time()
-        partition = require_stage(self.work, "partition", ["clusters.parquet"])
-        self.fingerprint = fingerprint(
-            TRAIN_VERSION, partition["fingerprint"], spec_to_dict(spec)["training"],
-            mining.batch_size, mining.seed, mining.hard_negatives, mining.mix_tasks,
-        )  # fmt: skip
+        self.stop_requested = False  # set by SIGTERM; the gang stops after the current step
 
-    # --- setup -----------------------------------------------------------------------------
+    # --- one decision for the gang ---------------------------------------------------------
 
-    def setup(self) -> None:
+    def init_distributed(self) -> None:
         if self.dist.world > 1 and not dist.is_initialized():
             if self.device.type == "cuda":
                 torch.cuda.set_device(self.device)
             dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+
+    def _from_rank0(self, value):
+        """Rank 0's value on every process (each process may see another file system)."""
+        if self.dist.world == 1:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def finished(self) -> dict | None:
+        """The train manifest if this config already finished (rank 0 decides for all)."""
+        return self._from_rank0(self.artifacts.done("train") if self.dist.rank == 0 else None)
+
+    # --- setup -----------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        self.init_distributed()
+        self.artifacts.require("partition")  # DataError unless it was made for this spec
+        if self.dist.rank == 0:
+            self.artifacts.begin("train")
         self._setup_data()
         self.student = self._setup_model()
         self.params = [p for p in self.student.parameters() if p.requires_grad]
@@ -267,7 +298,6 @@ class Trainer:
         if rule == "top-p":
             self.false_negatives = TopPFilter(neighbors, skip)
         elif rule == "teacher":
-            require_stage(self.work, "rank", ["embeddings.arrow"])
             self.false_negatives = TeacherScoreFilter(*read_embeddings(self.work))
         self.steps_per_epoch = len(self.sampler)
         t = spec.training
@@ -296,20 +326,43 @@ class Trainer:
     # --- checkpoints -----------------------------------------------------------------------
 
     def checkpoint_dirs(self) -> list[str]:
-        """Complete checkpoints, oldest first (a directory is renamed into place when complete)."""
-        root = self.out.local_path("train", "checkpoints")
+        """This config's complete checkpoints, oldest first (a folder is renamed into place
+        when complete; `step-N.tmp-PID` is one being written, or left by a crash)."""
+        root = self.artifacts.checkpoint_root()
         if not os.path.isdir(root):
             return []
         names = sorted(n for n in os.listdir(root) if n.startswith("step-") and "." not in n)
         return [os.path.join(root, n) for n in names]
 
+    def _remove_stale_temporaries(self) -> None:
+        """Half-written checkpoints of crashed runs (rank 0 is the only writer, and it is us)."""
+        root = self.artifacts.checkpoint_root()
+        if os.path.isdir(root):
+            for name in os.listdir(root):
+                if ".tmp-" in name:
+                    shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+
     def _resume(self) -> None:
-        found = self.checkpoint_dirs()
-        if not found:
+        """Load the checkpoint rank 0 chose; every process must be able to read it."""
+        if self.dist.rank == 0:
+            self._remove_stale_temporaries()
+        found = self.checkpoint_dirs() if self.dist.rank == 0 else []
+        path = self._from_rank0(found[-1] if found else None)
+        if path is None:
             return
-        path = found[-1]
+        readable = os.path.isfile(os.path.join(path, "trainer_state.pt"))
+        everyone = [readable] * self.dist.world
+        if self.dist.world > 1:
+            dist.all_gather_object(everyone, readable)
+        blind = [rank for rank, ok in enumerate(everyone) if not ok]
+        if blind:
+            raise TrainingError(
+                f"rank 0 resumes from {path}, which process(es) {blind} cannot read: "
+                "training.outputDir must be one volume that every training node mounts "
+                "(e.g. a ReadWriteMany PVC)"
+            )
         state = torch.load(
-            os.path.join(path, "trainer_state.pt"), weights_only=False, map_location="cpu"
+            os.path.join(path, "trainer_state.pt"), weights_only=True, map_location="cpu"
         )
         set_peft_model_state_dict(
             self.student.backbone, load_file(os.path.join(path, "adapter_model.safetensors"))
@@ -317,24 +370,17 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step, self.epoch, self.batch_in_epoch = (
-            state["step"],
-            state["epoch"],
-            state["batch_in_epoch"],
-        )
-        rng = (
-            state["rng"][self.dist.rank] if self.dist.rank < len(state["rng"]) else state["rng"][0]
-        )
+            state["step"], state["epoch"], state["batch_in_epoch"]
+        )  # fmt: skip
+        rng = state["rng"][self.dist.rank] if self.dist.rank < len(state["rng"]) else state["rng"][0]
         _set_rng_state(rng)
-        if state["config"] != spec_to_dict(self.spec) or state["world_size"] != self.dist.world:
-            log.warning("checkpoint %s was written with another spec or world size; its weights and "
-                        "position are used with the current spec", path)  # fmt: skip
+        if state["world_size"] != self.dist.world:
+            log.warning("checkpoint %s was written by %d processes, this run has %d: weights, optimizer "
+                        "and batch position carry over; dropout draws differ", path, state["world_size"], self.dist.world)  # fmt: skip
         log.info(
             "resumed from %s (step %d, epoch %d, batch %d)",
-            path,
-            self.step,
-            self.epoch,
-            self.batch_in_epoch,
-        )
+            path, self.step, self.epoch, self.batch_in_epoch,
+        )  # fmt: skip
 
     def save_checkpoint(self) -> None:
         rng = _get_rng_state()
@@ -344,21 +390,26 @@ class Trainer:
         else:
             states = [rng]
         if self.dist.rank == 0:
-            root = self.out.local_path("train", "checkpoints")
+            root = self.artifacts.checkpoint_root()
             final = os.path.join(root, f"step-{self.step:07d}")
             tmp = f"{final}.tmp-{os.getpid()}"
-            os.makedirs(tmp, exist_ok=True)
-            self.student.backbone.save_pretrained(tmp)
-            torch.save({
-                "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
-                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "rng": states, "seed": self.spec.mining.seed, "config": spec_to_dict(self.spec),
-                "world_size": self.dist.world, "sampler": self.sampler.state_dict(),
-            }, os.path.join(tmp, "trainer_state.pt"))  # fmt: skip
-            _fsync_tree(tmp)
-            if os.path.exists(final):
-                shutil.rmtree(final)
-            os.replace(tmp, final)
+            try:
+                os.makedirs(tmp, exist_ok=True)
+                self.student.backbone.save_pretrained(tmp)
+                # tensors and plain data only: it loads with torch.load(weights_only=True)
+                torch.save({
+                    "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
+                    "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                    "rng": states, "seed": self.spec.mining.seed, "config": spec_to_dict(self.spec),
+                    "world_size": self.dist.world, "sampler": self.sampler.state_dict(),
+                }, os.path.join(tmp, "trainer_state.pt"))  # fmt: skip
+                _fsync_tree(tmp)
+                if os.path.exists(final):
+                    shutil.rmtree(final)
+                os.replace(tmp, final)
+                _fsync_dir(root)  # the rename itself survives a power cut
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
             for old in self.checkpoint_dirs()[: -self.spec.training.keep_checkpoints]:
                 shutil.rmtree(old, ignore_errors=True)
             self.metrics.checkpoint_saved()
@@ -380,7 +431,18 @@ class Trainer:
             "steps_averaged": len(window),
         }))  # fmt: skip
 
+    def _on_sigterm(self, signum, frame) -> None:
+        log.warning("SIGTERM: stopping after the current step with a checkpoint")
+        self.stop_requested = True
+
     def train(self) -> None:
+        previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        try:
+            self._loop()
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
+    def _loop(self) -> None:
         t = self.spec.training
         window: list = []  # (loss, accuracy, seconds) of the steps since the last log line
         while self.step < self.total_steps:
@@ -394,6 +456,7 @@ class Trainer:
                 self.batch_in_epoch,
                 self.student.tokenize,
                 self.false_negatives,
+                gathered=t.gather_across_devices,
             )
             # its own generator: creating a loader must not draw from the global RNG, or a resumed
             # run would get other dropout masks than an uninterrupted one
@@ -401,14 +464,16 @@ class Trainer:
                                                  generator=torch.Generator().manual_seed(self.spec.mining.seed + self.epoch))  # fmt: skip
             last_step_end = time.perf_counter()  # a step's time includes waiting for its batch
             for item in loader:
-                loss, accuracy = compute_gradients(
+                loss, accuracy, stop = compute_gradients(
                     self.student,
                     self.loss_fn,
                     _to(item, self.device),
                     t.mini_batch_size,
                     self.dist.world,
+                    self.stop_requested,
                 )
                 if not np.isfinite(loss):
+                    self.metrics.loss.set(loss)  # so the alert on a non-finite loss can see it
                     last = self.checkpoint_dirs()
                     raise TrainingError(
                         f"loss is {loss} at step {self.step + 1}; stopped. Last good checkpoint: "
@@ -429,8 +494,14 @@ class Trainer:
                 if self.step % 10 == 0 or self.step == 1 or self.step == self.total_steps:
                     self._log_window(window, lr, grad_norm)
                     window.clear()
-                if self.step % t.checkpoint_every == 0 or self.step == self.total_steps:
+                if self.step % t.checkpoint_every == 0 or self.step == self.total_steps or stop:
                     self.save_checkpoint()
+                if stop:
+                    raise TrainingStopped(
+                        f"stopped by SIGTERM after step {self.step} of {self.total_steps}; "
+                        f"checkpoint {self.checkpoint_dirs()[-1] if self.dist.rank == 0 else 'written'}; "
+                        "the next run resumes there"
+                    )
                 if self.fault_at_step == self.step:  # testing: a node dies without any cleanup
                     os.kill(os.getpid(), signal.SIGKILL)
                 if self.step >= self.total_steps:
@@ -440,26 +511,23 @@ class Trainer:
                 self.batch_in_epoch = 0
 
     def export(self) -> dict:
-        """Adapter and merged model under <work>/train/final/, then the stage manifest."""
+        """Adapter and merged model under <outputDir>/train/final/, then the stage manifest."""
         if self.dist.rank != 0:
             return {}
-        final = self.out.local_path("train", "final")
+        final = self.artifacts.final_dir()
         tmp = f"{final}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
-        self.student.backbone.save_pretrained(os.path.join(tmp, "adapter"))
-        export_sentence_transformer(self.student, os.path.join(tmp, "model"))
-        _fsync_tree(tmp)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
+        try:
+            self.student.backbone.save_pretrained(os.path.join(tmp, "adapter"))
+            export_sentence_transformer(self.student, os.path.join(tmp, "model"))
+            _fsync_tree(tmp)
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            _fsync_dir(os.path.dirname(final))
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
         summary = {"steps": self.step, "epochs": self.epoch, "model": os.path.join(final, "model")}
-        return self.out.finish_stage(
-            "train",
-            self.fingerprint,
-            ["final/model/config.json"],
-            spec_to_dict(self.spec)["training"],
-            summary,
-            self.started,
-        )
+        return self.artifacts.finish("train", summary, self.started)
 
     def cleanup(self) -> None:
         if dist.is_initialized():
@@ -467,10 +535,12 @@ class Trainer:
 
 
 def _get_rng_state() -> dict:
+    """Every generator's state as tensors and plain data (what weights_only loading allows)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
     return {
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-        "numpy": np.random.get_state(),
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
         "python": random.getstate(),
     }
 
@@ -479,8 +549,17 @@ def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if state["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-    np.random.set_state(state["numpy"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     random.setstate(state["python"])
+
+
+def _fsync_dir(folder: str) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _fsync_tree(folder: str) -> None:
@@ -504,10 +583,11 @@ def train_stage(job: B3Job, env: dict[str, str] | None = None) -> dict:
     port = int(env["B3_METRICS_PORT"]) if env.get("B3_METRICS_PORT") else None
     fault = int(env["B3_FAULT_AT_STEP"]) if env.get("B3_FAULT_AT_STEP") else None
     trainer = Trainer(job, dist_env, metrics_port=port, fault_at_step=fault)
-    done = trainer.out.finished_stage("train", trainer.fingerprint)
-    if done:
-        return {**done, "skipped": True}
     try:
+        trainer.init_distributed()
+        done = trainer.finished()
+        if done:
+            return {**done, "skipped": True} if dist_env.rank == 0 else {}
         trainer.setup()
         trainer.train()
         return trainer.export()

@@ -110,15 +110,38 @@ def test_b3_batches_are_whole_communities_when_sizes_are_exact(n_comm, k, per_ba
         assert (counts > 0).sum() == per_batch
 
 
-def test_b3_packs_the_odd_community_last():
-    # 5 communities of 4 and one of 3 (a partition remainder): the full ones fill batches first
-    clusters = np.array([0] * 4 + [1] * 4 + [2] * 4 + [3] * 4 + [4] * 4 + [5] * 3)
-    for seed in range(10):
-        batches = B3BatchSampler(clusters, 8, seed=seed).batches()
-        assert len(batches) == 2
+@settings(max_examples=40, deadline=None)
+@given(k=st.integers(2, 6), per_batch=st.integers(1, 3), extra=st.integers(0, 5),
+       short=st.integers(1, 5), seed=st.integers(0, 1000), drop_last=st.booleans())  # fmt: skip
+def test_the_short_community_moves_so_every_row_trains(k, per_batch, extra, short, seed, drop_last):
+    """A group of q communities of K and the partition's short one of s < K rows: each epoch
+    every batch is whole communities except at most one, which holds the short community
+    whole plus K - s rows of one other; over the epochs every row trains."""
+    s = min(short, k - 1)
+    q = per_batch + extra  # enough for one batch
+    clusters = np.concatenate([np.repeat(np.arange(q), k), np.full(s, q)])
+    sampler = B3BatchSampler(clusters, k * per_batch, seed=seed, drop_last=drop_last)
+    seen = np.zeros(len(clusters), dtype=bool)
+    for epoch in range(60):
+        batches = sampler.batches(epoch)
+        rows = np.concatenate(batches)
+        assert len(rows) == len(set(rows.tolist()))
+        if not drop_last:
+            assert sorted(rows.tolist()) == list(range(len(clusters)))
+        mixed = 0
         for b in batches:
-            counts = np.bincount(clusters[b], minlength=6)
-            assert counts[5] == 0 and sorted(counts[counts > 0].tolist()) == [4, 4]
+            counts = np.bincount(clusters[b], minlength=q + 1)
+            if drop_last or len(b) == k * per_batch:
+                assert len(b) == k * per_batch
+            sizes = sorted(counts[counts > 0].tolist())
+            if counts[q] and len(b) == k * per_batch:  # the short one, filled up by a donor
+                mixed += 1
+                assert counts[q] == s and sizes == sorted([s, k - s] + [k] * (per_batch - 1))
+            elif len(b) == k * per_batch:
+                assert sizes == [k] * per_batch
+        assert mixed <= 1
+        seen[rows] = True
+    assert seen.all()
 
 
 def test_rank_slices_reassemble_the_global_batch():
@@ -200,3 +223,18 @@ def test_hard_negatives_follow_the_s_counts():
     assert counts[9] == 0  # in a member's top p: never
     assert set(np.flatnonzero(counts)) == {4, 5}
     assert 0.7 < counts[4] / 400 < 0.9  # Pr = 4/5
+
+
+def test_hard_negatives_are_exactly_h_per_member_when_the_group_is_small():
+    """B3++ in a group too small for h x |B| candidates: the gathered column count must not
+    depend on the batch (processes all-gather equal shapes), so the sampler tops up from other
+    groups, then repeats allowed rows; never a member, a member's top p or a shared positive."""
+    groups = np.array([0] * 6 + [1] * 4)
+    neighbors = np.array([[(i + j) % 6 for j in (1, 2)] for i in range(6)]
+                         + [[6 + (i + 1) % 4, 6 + (i + 2) % 4] for i in range(4)])  # fmt: skip
+    positive_group = np.arange(10)
+    sampler = HardNegativeSampler(neighbors, 0, 2, positive_group, 3, groups, seed=1)
+    neg = sampler.sample([0, 1, 2, 3])  # 12 wanted; rows 4, 5 in the group, 6-9 outside
+    assert len(neg) == 12 and set(neg.tolist()) == {4, 5, 6, 7, 8, 9}
+    with pytest.raises(ValueError, match="mining.hardNegatives"):
+        HardNegativeSampler(neighbors[:4, :] % 4, 0, 2, np.arange(4), 1, seed=0).sample([0, 1, 2, 3])

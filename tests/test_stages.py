@@ -15,6 +15,7 @@ import pytest
 from conftest import make_pairs, write_manifest
 
 import b3.stages
+from b3.artifacts import Artifacts
 from b3.cli import main
 from b3.spec import load_manifest
 from b3.storage import WorkDir
@@ -297,7 +298,8 @@ def test_b3_run_killed_in_training_finishes_on_the_next_run(tmp_path, tiny_spec)
     killed = b3_run(B3_FAULT_AT_STEP="6")
     assert killed.returncode == -9, killed.stderr[-2000:]
     work = WorkDir(str(tmp_path / "work"))
-    assert work.exists("train", "checkpoints", "step-0000004", "trainer_state.pt")
+    checkpoints = Artifacts(load_manifest(manifest).spec).checkpoint_root()
+    assert os.listdir(checkpoints) == ["step-0000004"]
     assert not work.exists("train", "manifest.json") and not work.exists("eval", "results.json")
 
     finished = b3_run()

@@ -19,8 +19,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from safetensors.torch import load_file
 
 import b3.train
+from b3.artifacts import Artifacts
 from b3.cli import main
 from b3.metrics import TRAIN_METRICS
+from b3.spec import load_manifest
 
 
 @pytest.fixture
@@ -56,26 +58,28 @@ def train_process(manifest: str, **env) -> subprocess.CompletedProcess:
                           env={**os.environ, **env}, timeout=300)  # fmt: skip
 
 
-def final_state(work: str) -> tuple[dict, dict]:
-    ckpt = os.path.join(work, "train", "checkpoints", "step-0000020")
-    state = torch.load(os.path.join(ckpt, "trainer_state.pt"), weights_only=False)
+def checkpoint_root(manifest: str) -> str:
+    return Artifacts(load_manifest(manifest).spec).checkpoint_root()
+
+
+def final_state(manifest: str) -> tuple[dict, dict]:
+    ckpt = os.path.join(checkpoint_root(manifest), "step-0000020")
+    state = torch.load(os.path.join(ckpt, "trainer_state.pt"), weights_only=True)
     return load_file(os.path.join(ckpt, "adapter_model.safetensors")), state
 
 
 def test_killed_and_resumed_equals_straight_through(mined):
-    straight, straight_work = mined("straight", steps=20, checkpointEvery=10)
-    resumed, resumed_work = mined("resumed", steps=20, checkpointEvery=10)
+    straight, _ = mined("straight", steps=20, checkpointEvery=10)
+    resumed, _ = mined("resumed", steps=20, checkpointEvery=10)
     assert train_process(straight).returncode == 0
     killed = train_process(resumed, B3_FAULT_AT_STEP="10")
     assert killed.returncode == -9, killed.stderr  # SIGKILL right after the step-10 checkpoint
-    assert sorted(os.listdir(os.path.join(resumed_work, "train", "checkpoints"))) == [
-        "step-0000010"
-    ]
+    assert sorted(os.listdir(checkpoint_root(resumed))) == ["step-0000010"]
     again = train_process(resumed)
     assert again.returncode == 0, again.stderr
     assert "resumed from" in again.stderr and "step 10" in again.stderr
-    weights_a, state_a = final_state(straight_work)
-    weights_b, state_b = final_state(resumed_work)
+    weights_a, state_a = final_state(straight)
+    weights_b, state_b = final_state(resumed)
     assert weights_a.keys() == weights_b.keys()
     for name in weights_a:
         torch.testing.assert_close(weights_a[name], weights_b[name], rtol=1e-5, atol=1e-7, msg=name)
@@ -139,17 +143,14 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(mined, monkeypatch,
 
     def sometimes_nan(*args, **kwargs):
         calls["n"] += 1
-        loss, acc = real(*args, **kwargs)
-        return (float("nan"), acc) if calls["n"] == 5 else (loss, acc)
+        loss, acc, stop = real(*args, **kwargs)
+        return (float("nan"), acc, stop) if calls["n"] == 5 else (loss, acc, stop)
 
     monkeypatch.setattr(b3.train, "compute_gradients", sometimes_nan)
     assert main(["train", manifest]) == 1
     err = capsys.readouterr().err
     assert "loss is nan at step 5" in err and "step-0000004" in err
-    assert sorted(os.listdir(os.path.join(work, "train", "checkpoints"))) == [
-        "step-0000002",
-        "step-0000004",
-    ]
+    assert sorted(os.listdir(checkpoint_root(manifest))) == ["step-0000002", "step-0000004"]
     assert not os.path.exists(os.path.join(work, "train", "manifest.json"))
 
 
@@ -164,7 +165,9 @@ def test_missing_or_stale_artifacts_exit_2(mined, tmp_path, capsys, pairs_path):
     table = pq.read_table(pairs_path)
     pq.write_table(table.slice(1), pairs_path)  # the dataset lost a row after mining
     assert main(["train", manifest]) == 2
-    assert "does not match dataset" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "partition stage output" in err and "was made for another spec" in err
+    assert "(rank stage: dataset file: {" in err  # the cause, named
 
 
 def test_export_loads_in_sentence_transformers_and_b3_embed(mined, tmp_path, capsys):
@@ -224,8 +227,8 @@ def test_torchrun_two_processes_train_like_one(tmp_path, tiny_spec, tiny_model_n
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-6, msg=name)
     state = torch.load(
-        tmp_path / "two" / "train" / "checkpoints" / "step-0000004" / "trainer_state.pt",
-        weights_only=False,
+        os.path.join(checkpoint_root(str(two)), "step-0000004", "trainer_state.pt"),
+        weights_only=True,
     )
     assert state["world_size"] == 2 and len(state["rng"]) == 2
 
