@@ -347,9 +347,10 @@ class Trainer:
         if self.dist.rank == 0:
             self._remove_stale_temporaries()
         found = self.checkpoint_dirs() if self.dist.rank == 0 else []
-        path = self._from_rank0(found[-1] if found else None)
-        if path is None:
+        name = self._from_rank0(os.path.basename(found[-1]) if found else None)
+        if name is None:
             return
+        path = os.path.join(self.artifacts.checkpoint_root(), name)  # as this process sees it
         readable = os.path.isfile(os.path.join(path, "trainer_state.pt"))
         everyone = [readable] * self.dist.world
         if self.dist.world > 1:
@@ -357,7 +358,8 @@ class Trainer:
         blind = [rank for rank, ok in enumerate(everyone) if not ok]
         if blind:
             raise TrainingError(
-                f"rank 0 resumes from {path}, which process(es) {blind} cannot read: "
+                f"rank 0 resumes from checkpoint {name}, which process(es) {blind} cannot read "
+                f"in {self.artifacts.checkpoint_root()}: "
                 "training.outputDir must be one volume that every training node mounts "
                 "(e.g. a ReadWriteMany PVC)"
             )

@@ -265,3 +265,77 @@ def test_output_dir_takes_the_train_stage_and_an_object_store_work_dir_needs_it(
     with pytest.raises(SpecError, match="set training.outputDir"):
         parse_spec(spec)
     assert parse_spec({**spec, "training": {"outputDir": "/ckpt"}}).train_dir == "/ckpt"
+
+
+def _two_process_spec(tiny_spec, model: str, **mining) -> dict:
+    return {**tiny_spec, "teacher": {**tiny_spec["teacher"], "model": model},
+            "mining": {**tiny_spec["mining"], **mining},
+            "training": {"student": model, "steps": 4, "learningRate": 0.01,
+                         "lora": {"dropout": 0.0, "targetModules": ["query", "value"]}}}  # fmt: skip
+
+
+@pytest.mark.slow
+def test_two_processes_with_b3pp_in_a_group_too_small_match_one(tmp_path, tiny_spec, tiny_model_no_dropout):
+    """80 rows per task, |B| = 16, h = 5: 80 hard negatives wanted, 64 rows left in the group.
+    The sampler tops up to exactly h x |B| (the two processes gather equal shapes: no hang)
+    and the two-process gradients equal the one-process ones."""
+    spec = _two_process_spec(tiny_spec, tiny_model_no_dropout, hardNegatives=5)
+    one = write_manifest(tmp_path, {**spec, "workDir": "one"}, "one")
+    assert main(["rank", str(one)]) == 0 and main(["partition", str(one)]) == 0
+    shutil.copytree(tmp_path / "one", tmp_path / "two")
+    two = write_manifest(tmp_path, {**spec, "workDir": "two",
+                                    "training": {**spec["training"], "processesPerNode": 2}}, "two")  # fmt: skip
+    assert main(["train", str(one)]) == 0
+    started = time.time()
+    assert main(["train", str(two)]) == 0
+    assert time.time() - started < 240  # finished, not stuck in a collective
+    a = load_file(tmp_path / "one" / "train" / "final" / "adapter" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "two" / "train" / "final" / "adapter" / "adapter_model.safetensors")
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def _torchrun_per_rank(tmp_path, manifests: list, **env) -> subprocess.CompletedProcess:
+    """torchrun with 2 gloo processes, process r reading manifests[r] (e.g. another outputDir:
+    what a node without the shared volume sees)."""
+    script = tmp_path / "per_rank.py"
+    script.write_text("import os, sys\nfrom b3.cli import stage_main\n"
+                      f"manifests = {[str(m) for m in manifests]!r}\n"
+                      "sys.exit(stage_main('train', [manifests[int(os.environ['RANK'])]]))\n")  # fmt: skip
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                           str(script)], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, **env})  # fmt: skip
+
+
+@pytest.mark.slow
+def test_two_processes_resume_the_checkpoint_rank_0_chose_or_stop_clearly(mined, tmp_path):
+    manifest, work = mined("gang", steps=4, checkpointEvery=2)
+    assert train_process(manifest, B3_FAULT_AT_STEP="2").returncode == -9  # a checkpoint at 2
+    blind, _ = mined("blind", steps=4, checkpointEvery=2, outputDir=str(tmp_path / "empty"))
+    failed = _torchrun_per_rank(tmp_path, [manifest, blind])
+    assert failed.returncode != 0
+    assert "which process(es) [1] cannot read" in failed.stderr
+    assert "training.outputDir must be one volume" in failed.stderr
+
+    agreed = _torchrun_per_rank(tmp_path, [manifest, manifest])
+    assert agreed.returncode == 0, agreed.stderr[-3000:]
+    assert "resumed from" in agreed.stderr and "step 2" in agreed.stderr
+    assert os.path.exists(os.path.join(work, "train", "final", "model", "config.json"))
+
+
+@pytest.mark.slow
+def test_false_negatives_without_gathering_train_on_two_processes(mined):
+    from b3.spec import load_manifest as load
+    from b3.train import Dist, EpochBatches, Trainer
+
+    manifest, _ = mined("local", steps=2, falseNegatives="top-p", gatherAcrossDevices=False,
+                        processesPerNode=2)  # fmt: skip
+    # process 1's mask covers its own columns only: its positives, then its hard negatives
+    trainer = Trainer(load(manifest), Dist(rank=1, world=2, local_rank=0))
+    trainer._setup_data()
+    data = EpochBatches(trainer.sampler, trainer.hard, trainer.texts, trainer.positive_group, 0, 0,
+                        lambda texts: {"n": torch.tensor(len(texts))}, trainer.false_negatives, gathered=False)  # fmt: skip
+    batch = trainer.sampler.batches(0)[0]
+    local, hard = batch[len(batch) // 2 :], trainer.hard.sample(batch, 0, 0)
+    assert data[0]["mask"].shape == (len(local), len(local) + len(hard) // 2)
+    assert main(["train", manifest]) == 0
