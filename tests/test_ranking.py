@@ -132,5 +132,14 @@ def test_ray_workers_give_the_same_ranking(monkeypatch):
         )
     finally:
         ray.shutdown()
-    np.testing.assert_array_equal(local[0], distributed[0])
-    np.testing.assert_array_equal(local[1], distributed[1])
+    # Ray workers run other BLAS threading: scores agree to float32 rounding, and neighbour
+    # lists agree except where two candidates tie within that rounding
+    true = emb.astype(np.float64) @ emb.T.astype(np.float64)  # (N, N) exact scores
+    rows = np.arange(1000)[:, None]
+    for idx, scores in (local, distributed):
+        np.testing.assert_allclose(scores, true[rows, idx], atol=1e-5)
+    np.testing.assert_allclose(local[1], distributed[1], atol=1e-5)
+    for i in range(1000):
+        a, b = set(local[0][i].tolist()), set(distributed[0][i].tolist())
+        boundary = local[1][i, -1]  # k-th score: only candidates tied with it may swap
+        assert all(abs(true[i, j] - boundary) < 1e-5 for j in a ^ b), (i, a ^ b)
