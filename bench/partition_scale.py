@@ -49,18 +49,32 @@ def synthetic_window(n: int, m: int, seed: int) -> np.ndarray:
     return np.where(rng.random((n, m)) < 0.7, own, random)
 
 
-def write_rank_output(work: str, n: int, m: int, seed: int) -> None:
-    """A rank stage's artifacts as the partition stage reads them, with a finished manifest."""
+def bench_spec(work: str, m: int, k: int):
+    """The job whose partition stage the bench runs: one mining group, S = the m neighbours."""
+    from b3.spec import parse_spec
+
+    return parse_spec({
+        "dataset": {"uri": os.path.join(work, "pairs.parquet")}, "workDir": work,
+        "mining": {"p": 0, "m": m, "clusterSize": k, "batchSize": k * 2, "perTask": False, "mixTasks": True},
+    })  # fmt: skip
+
+
+def write_rank_output(work: str, n: int, m: int, k: int, seed: int) -> None:
+    """A finished rank stage as the partition stage reads it (through `b3.artifacts`, so the
+    partition stage's upstream check holds): the dataset file, topk.parquet, the manifest."""
     import pyarrow as pa
+    import pyarrow.parquet as pq
 
-    from b3.storage import WorkDir
+    from b3.artifacts import Artifacts
 
+    ids = pa.array(np.arange(n).astype(str))
+    pq.write_table(pa.table({"id": ids, "query": ids, "positive": ids}), os.path.join(work, "pairs.parquet"))
     window = synthetic_window(n, m, seed)
     offsets = pa.array(np.arange(0, n * m + 1, m, dtype=np.int32))
     table = pa.table(
         {
             "row": pa.array(np.arange(n)),
-            "id": pa.array(np.arange(n).astype(str)),
+            "id": ids,
             "task": pa.array(["all"] * n),
             "group": pa.array(["all"] * n),
             "positive_group": pa.array(np.arange(n)),
@@ -74,25 +88,21 @@ def write_rank_output(work: str, n: int, m: int, seed: int) -> None:
             ),
         }
     )
-    wd = WorkDir(work)
-    wd.write_parquet(table, "rank", "topk.parquet")
-    wd.finish_stage("rank", f"synthetic-{n}-{m}-{seed}", ["topk.parquet"], {}, {}, time.time())
+    artifacts = Artifacts(bench_spec(work, m, k))
+    artifacts.begin("rank")
+    artifacts.work.write_parquet(table, "rank", "topk.parquet")
+    artifacts.work.write_bytes(b"", "rank", "embeddings.arrow")  # not read by the partition stage
+    artifacts.finish("rank", {"rows": n, "synthetic": True}, time.time())
 
 
 def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
-def run_stage(work: str, k: int, queue) -> None:
-    from b3.spec import B3Job, parse_spec
+def run_stage(work: str, m: int, k: int, queue) -> None:
+    from b3.spec import B3Job
 
-    spec = parse_spec(
-        {
-            "dataset": {"uri": "unused.parquet"},
-            "workDir": work,
-            "mining": {"clusterSize": k, "batchSize": k * 2},
-        }
-    )
+    spec = bench_spec(work, m, k)
     from b3.stages import partition_stage  # imports are not the stage's work: clock starts after
 
     start = time.perf_counter()
@@ -151,9 +161,9 @@ def main() -> None:
     rows = []
     for n in args.sizes:
         with tempfile.TemporaryDirectory(prefix="b3-bench-") as work:
-            write_rank_output(work, n, args.m, seed=0)
+            write_rank_output(work, n, args.m, args.k, seed=0)
             metis = in_child(run_metis, work, args.k)
-            stage = in_child(run_stage, work, args.k)
+            stage = in_child(run_stage, work, args.m, args.k)
         row = {
             "nodes": n,
             "m": args.m,

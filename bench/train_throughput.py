@@ -27,6 +27,7 @@ import platform
 import sys
 import tempfile
 import time
+from importlib import metadata
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -204,6 +205,7 @@ def main() -> None:
             "pairs_per_second": {"b3": round(pairs / our_seconds, 2), "sentence_transformers": round(pairs / st_seconds, 2)},
             "ratio_b3_over_sentence_transformers": round(st_seconds / our_seconds, 3),
             "torch_threads": __import__("torch").get_num_threads(),
+            "versions": {name: metadata.version(name) for name in ("torch", "transformers", "peft", "sentence-transformers")},
             "machine": f"{platform.machine()}, {os.cpu_count()} cores",
         }  # fmt: skip
         print(json.dumps(result, indent=2), flush=True)
