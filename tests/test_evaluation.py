@@ -46,7 +46,6 @@ def test_evaluate_encoder_dedups_the_corpus_and_applies_prompts():
         positives=np.array(["same", "same", "other"], dtype=object),
         tasks=np.array(["t", "t", "u"], dtype=object),
         positive_group=np.array([0, 0, 1]),
-        source_fingerprint="x",
         held_out=0,
     )
     table = {"Q: q1": np.array([1.0, 0]), "Q: q2": np.array([0.0, 1]), "Q: q3": np.array([0.0, 1]),

@@ -122,7 +122,7 @@ def _worker(rank, world, init_file, model_dir, with_hard, out):
     q, p, hard, groups = batch_texts(8, 4)
     rows = np.array_split(np.arange(8), world)[rank]
     hard_rows = np.array_split(np.arange(4), world)[rank] if with_hard else None
-    loss, acc = compute_gradients(
+    loss, acc, _ = compute_gradients(
         student,
         InfoNCELoss(scale=20.0, symmetric=True),
         item_for(student, q, p, hard, groups, rows, hard_rows),
@@ -140,7 +140,7 @@ def test_two_gloo_processes_give_the_single_process_gradients(
 ):
     q, p, hard, groups = batch_texts(8, 4)
     student = make_student(tiny_model_no_dropout)
-    loss, acc = compute_gradients(student, InfoNCELoss(scale=20.0, symmetric=True),
+    loss, acc, _ = compute_gradients(student, InfoNCELoss(scale=20.0, symmetric=True),
                                   item_for(student, q, p, hard, groups, np.arange(8), np.arange(4) if with_hard else None), None, 1)  # fmt: skip
     expected = grads_of(student)
 
@@ -173,10 +173,10 @@ def test_gradcache_gives_the_plain_gradients(tiny_model_no_dropout, with_hard):
     hard_rows = np.arange(4) if with_hard else None
     student = make_student(tiny_model_no_dropout)
     item = item_for(student, q, p, hard, groups, np.arange(8), hard_rows)
-    plain_loss, _ = compute_gradients(student, InfoNCELoss(scale=20.0), item, None, 1)
+    plain_loss, _, _ = compute_gradients(student, InfoNCELoss(scale=20.0), item, None, 1)
     plain = grads_of(student)
     student.zero_grad()
-    cached_loss, _ = compute_gradients(
+    cached_loss, _, _ = compute_gradients(
         student, InfoNCELoss(scale=20.0), item, 3, 1
     )  # chunks of 3, 3, 2
     assert cached_loss == pytest.approx(plain_loss, rel=1e-5)
