@@ -99,10 +99,13 @@ def pod_spec(
     """One stage pod: the worker image running `command`, with the spec's pod settings."""
     t = spec.template
     job = body["metadata"]["name"]
-    env = [{"name": "B3_MANIFEST", "value": MANIFEST_PATH},
-           {"name": "B3_METRICS_PORT", "value": str(METRICS_PORT)},
-           {"name": "B3_METRICS_LINGER_SECONDS", "value": "45"},  # a last scrape before exit
-           {"name": "PYTHONUNBUFFERED", "value": "1"}, *copy.deepcopy(t.env)]  # fmt: skip
+    ours = [{"name": "B3_MANIFEST", "value": MANIFEST_PATH},
+            {"name": "B3_METRICS_PORT", "value": str(METRICS_PORT)},
+            {"name": "B3_METRICS_LINGER_SECONDS", "value": "45"},  # a last scrape before exit
+            {"name": "PYTHONUNBUFFERED", "value": "1"}]  # fmt: skip
+    # the template's env wins, once per name: KubeRay's schema (env is a map keyed by name)
+    # refuses a RayJob whose container names a variable twice
+    env = [e for e in ours if e["name"] not in {u["name"] for u in t.env}] + copy.deepcopy(t.env)
     mounts = [{"name": "b3-spec", "mountPath": MANIFEST_DIR, "readOnly": True},
               {"name": "dshm", "mountPath": "/dev/shm"}, *copy.deepcopy(t.volume_mounts)]  # fmt: skip
     volumes = [{"name": "b3-spec", "configMap": {"name": child_name(job, "spec")}},

@@ -6,8 +6,9 @@
 
 The structural schema comes from `spec_openapi_schema()`. What pydantic checks across fields is
 repeated here as CEL `x-kubernetes-validations`, so the API server refuses what `b3 validate`
-refuses (the tests run both on the same manifests). Spec sections get `default: {}` so the API
-server fills their defaults and the rules can read every field.
+refuses (the tests run both on the same manifests). An optional spec section defaults to the
+section with every default filled in (not `{}`): the API server checks a default against the
+section's CEL rules too, and `{}` has no `batchSize` for them to read.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from b3.spec import API_GROUP, API_VERSION, KIND, spec_openapi_schema
+from b3.spec import API_GROUP, API_VERSION, KIND, parse_spec, spec_openapi_schema, spec_to_dict
 
 PLURAL = "b3jobs"
 SHORT_NAME = "b3j"
@@ -51,10 +52,11 @@ def _at(schema: dict[str, Any], path: str) -> dict[str, Any]:
 def spec_schema() -> dict[str, Any]:
     """The spec's structural schema with section defaults and CEL rules."""
     schema = spec_openapi_schema()
+    defaults = spec_to_dict(parse_spec({"dataset": {"uri": "-"}, "workDir": "-"}))
     for name, prop in schema["properties"].items():
         section = prop.get("type") == "object" and "properties" in prop and not prop.get("nullable")
         if section and name not in schema["required"]:
-            prop.setdefault("default", {})
+            prop.setdefault("default", defaults[name])
     for path, rule, message in CEL_RULES:
         _at(schema, path).setdefault("x-kubernetes-validations", []).append(
             {"rule": rule, "message": message}

@@ -33,8 +33,13 @@ log = logging.getLogger("b3_operator")
 
 @kopf.on.login()
 def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
-    """In a pod: the ServiceAccount; elsewhere: $KUBECONFIG (read now, not at import)."""
-    return kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
+    """In a pod: the ServiceAccount at $KUBERNETES_SERVICE_HOST:$KUBERNETES_SERVICE_PORT, as
+    client-go finds it (kopf's own service-account login assumes the DNS name
+    kubernetes.default.svc on port 443, which hostNetwork pods and custom DNS policies lack);
+    elsewhere: $KUBECONFIG (read now, not at import)."""
+    if os.environ.get("KUBERNETES_SERVICE_HOST"):
+        return kopf.login_via_client(**kwargs)
+    return kopf.login_with_kubeconfig(**kwargs)
 
 
 @kopf.on.startup()

@@ -101,6 +101,8 @@ def test_namespaced_install_binds_roles_only_where_it_watches():
     roles = by_kind(objects, "Role")
     assert sorted(r["metadata"]["namespace"] for r in roles) == ["ml-team", "research"]
     assert all(r["rules"] == [*rbac.RULES, rbac.NAMESPACED_PEERING] for r in roles)
+    kopf_role = next(r for r in by_kind(objects, "ClusterRole") if r["metadata"]["name"].endswith("-kopf"))
+    assert kopf_role["rules"] == [*rbac.CLUSTER_RULES, rbac.NAMESPACE_OBSERVATION]
     assert {b["subjects"][0]["name"] for b in by_kind(objects, "RoleBinding")} == {
         "existing-operator"
     }

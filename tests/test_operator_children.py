@@ -164,3 +164,21 @@ def test_pods_run_as_non_root_unless_the_spec_says_otherwise():
 def test_a_suspended_job_creates_its_stage_suspended():
     (rank,) = children.stage_child(body(BASE), parse_spec(BASE), "rank", suspend=True)
     assert rank["spec"]["suspend"] is True
+
+
+def test_the_templates_env_overrides_the_operators_once_per_name():
+    """A template variable named like one of ours replaces it, not duplicates it: KubeRay's
+    schema keys env by name and the real API server refused such a RayJob (422)."""
+    env = [{"name": "B3_METRICS_LINGER_SECONDS", "value": "0"}, {"name": "HF_HUB_OFFLINE", "value": "1"}]
+    for spec in (BASE, RAY):
+        spec = {**spec, "template": {"env": env}}
+        for child in children.stage_child(body(spec), parse_spec(spec), "rank"):
+            if child["kind"] == "RayJob":
+                pods = [child["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"],
+                        child["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]]  # fmt: skip
+            else:
+                pods = [child["spec"]["template"]["spec"]]
+            for pod in pods:
+                names = [e["name"] for e in pod["containers"][0]["env"]]
+                assert len(names) == len(set(names)) and "B3_MANIFEST" in names
+                assert {"name": "B3_METRICS_LINGER_SECONDS", "value": "0"} in pod["containers"][0]["env"]
