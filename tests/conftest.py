@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -100,3 +101,28 @@ def tiny_spec(tiny_model_dir, pairs_path) -> dict:
         "training": {"student": tiny_model_dir},
         "workDir": "work",
     }
+
+
+# --- the real control plane (tests/cluster) ------------------------------------------------
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "cluster"))
+
+
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory):
+    """etcd, kube-apiserver, kube-controller-manager, kube-scheduler and the node double on
+    127.0.0.1, for the whole session. Without the binaries it skips, except in CI
+    (CI=true), where `.ci/run` builds them and a missing one is a failure."""
+    from control_plane import ControlPlane, binaries
+
+    missing = [str(path) for path in binaries().values() if not path.exists()]
+    if missing:
+        message = f"missing {', '.join(missing)}: run tests/cluster/build.sh"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    plane = ControlPlane(tmp_path_factory.mktemp("cluster")).start()
+    try:
+        yield plane
+    finally:
+        plane.stop()

@@ -1,4 +1,6 @@
-"""The real kopf operator against kmock's in-memory Kubernetes API.
+"""The real kopf operator against kmock's in-memory Kubernetes API: the whole flow with the
+operator's metrics, and suspend/resume reaching the stage Job. (Failures, deletion and the flow
+on real controllers: tests/test_cluster.py.)
 
 The test plays the Job controller: it marks stage Jobs succeeded or failed, and watches the
 operator create the next child and write status. kmock stores objects as plain JSON: `ApiServer`
@@ -236,45 +238,6 @@ async def test_a_job_runs_through_every_stage_to_succeeded(cluster):
     reconciles = sum(REGISTRY.get_sample_value("b3_operator_reconciles_total", {"trigger": t}) or 0
                      for t in ("create", "update", "resume", "timer"))  # fmt: skip
     assert reconciles >= 4  # create, then one per finished stage
-
-
-@pytest.mark.kmock(cls=ApiServer)
-async def test_a_failing_stage_fails_the_job_with_the_pods_message(cluster):
-    await call(
-        custom().create_namespaced_custom_object, "b3.dev", "v1alpha1", NS, "b3jobs", b3job("job-2")
-    )
-    await child_job("rank", "job-2")
-    await finish_job("job-2-rank", "Failed", "Job has reached the specified backoff limit",
-                     pod_message="rank: dataset.columns: column 'query' is missing")  # fmt: skip
-    failed = await phase_is("job-2", "Failed")
-    assert "column 'query' is missing" in failed["status"]["message"]
-    condition = next(c for c in failed["status"]["conditions"] if c["type"] == "Failed")
-    assert condition["reason"] == "RankingFailed"
-
-
-@pytest.mark.kmock(cls=ApiServer)
-async def test_deleting_a_job_releases_its_finalizer(cluster):
-    await call(
-        custom().create_namespaced_custom_object, "b3.dev", "v1alpha1", NS, "b3jobs", b3job("job-3")
-    )
-    await child_job("rank", "job-3")
-
-    async def has_finalizer():
-        return "b3.dev/finalizer" in ((await get_job("job-3"))["metadata"].get("finalizers") or [])
-
-    await until(has_finalizer)
-    await call(
-        custom().delete_namespaced_custom_object, "b3.dev", "v1alpha1", NS, "b3jobs", "job-3"
-    )
-
-    async def gone():
-        try:
-            await get_job("job-3")
-        except kubernetes.client.exceptions.ApiException as err:
-            return err.status == 404
-        return False
-
-    await until(gone)
 
 
 @pytest.mark.kmock(cls=ApiServer)

