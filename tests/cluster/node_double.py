@@ -47,6 +47,8 @@ CAPACITY = {"cpu": "16", "memory": "64Gi", "pods": "110", "nvidia.com/gpu": "8",
             "ephemeral-storage": "100Gi"}  # fmt: skip
 DEVICES = ["null", "zero", "full", "random", "urandom", "tty"]
 COMPLETION_INDEX = "batch.kubernetes.io/job-completion-index"
+# what stands in for the image: this checkout (editable installs point here) and its Python
+IMAGE = sorted({str(HERE.parents[1]), sys.prefix, os.path.realpath(sys.prefix)})
 
 
 def now() -> str:
@@ -257,7 +259,7 @@ class Node:
         if not container.get("command"):
             raise RuntimeError(f"container {name} has no command: the node double cannot run an image's entrypoint")
         plan = folder / f"plan-{name}.json"
-        plan.write_text(json.dumps({"mounts": mounts, "workingDir": container.get("workingDir"),
+        plan.write_text(json.dumps({"mounts": mounts, "image": IMAGE, "workingDir": container.get("workingDir"),
                                     "command": command, "env": env}))  # fmt: skip
         out = open(folder / f"{name}.log", "ab")  # noqa: SIM115 - owned by the process
         return subprocess.Popen(["unshare", "--mount", "--propagation", "private", "--",

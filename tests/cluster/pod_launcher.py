@@ -2,8 +2,11 @@
 runs `unshare --mount --propagation private -- python pod_launcher.py PLAN`), bind each
 prepared folder or file at its path, then exec the container's command.
 
-PLAN (JSON): {"mounts": [[source, target, read_only], ...], "workingDir": str | null,
-"command": [...], "env": {...}}. Mounts are applied in order (parents before what they hold:
+PLAN (JSON): {"mounts": [[source, target, read_only], ...], "image": [path, ...],
+"workingDir": str | null, "command": [...], "env": {...}}. `image` are the paths that stand in
+for the container image (this checkout and its Python): a volume mounted over one of their
+parents (an emptyDir at /tmp over a checkout under /tmp) must not hide them, as it would not
+hide an image's /app, so they are bound back at their own paths after the volumes. Mounts are applied in order (parents before what they hold:
 /dev, a private copy with the termination-log file, before /dev/shm). Every source is opened
 before the first mount and bound through its file descriptor, so that a mount over a source's
 parent (an emptyDir at /tmp over a node folder under /tmp) cannot hide it.
@@ -33,8 +36,11 @@ def bind(fd: int, is_dir: bool, target: str, read_only: bool) -> None:
 def main() -> None:
     with open(sys.argv[1]) as f:
         plan = json.load(f)
-    sources = [(os.open(source, os.O_PATH), os.path.isdir(source)) for source, _, _ in plan["mounts"]]
-    for (fd, is_dir), (_, target, read_only) in zip(sources, plan["mounts"], strict=True):
+    targets = [target for _, target, _ in plan["mounts"]]
+    hidden = [p for p in plan["image"] if any(os.path.commonpath([p, t]) == t != p for t in targets)]
+    mounts = [*plan["mounts"], *([p, p, False] for p in hidden)]
+    sources = [(os.open(source, os.O_PATH), os.path.isdir(source)) for source, _, _ in mounts]
+    for (fd, is_dir), (_, target, read_only) in zip(sources, mounts, strict=True):
         os.set_inheritable(fd, True)
         bind(fd, is_dir, target, read_only)
     if plan.get("workingDir"):
