@@ -28,7 +28,10 @@ def bind(fd: int, is_dir: bool, target: str, read_only: bool) -> None:
         open(target, "a").close()  # a file mount point (inside the private /dev, or new)
     # recursive for folders: the private /dev carries the device files bound into it
     flag = "--rbind" if is_dir else "--bind"
-    subprocess.run(["mount", flag, f"/proc/self/fd/{fd}", target], check=True, pass_fds=(fd,))
+    # --no-canonicalize: mount(8) would otherwise resolve the fd's link text as a path in
+    # today's mounts, which for a path under a fresh emptyDir is the empty mount point itself
+    subprocess.run(["mount", "--no-canonicalize", flag, f"/proc/self/fd/{fd}", target],
+                   check=True, pass_fds=(fd,))  # fmt: skip
     if read_only:
         subprocess.run(["mount", "-o", "remount,bind,ro", target], check=True)
 
