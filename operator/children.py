@@ -147,13 +147,15 @@ def pod_spec(
 
 
 def _with_run_policy(child: dict[str, Any], spec: B3JobSpec, stage: str) -> dict[str, Any]:
-    """Kueue queue label, stage deadline and TTL: a Job and a RayJob name these fields alike."""
+    """Kueue queue label, stage deadline and (RayJob) TTL: a Job and a RayJob name these fields
+    alike. A stage Job gets its TTL only when the whole B3Job is over (planner.expire_children):
+    deleted mid-job, a finished stage would look never run."""
     if spec.run_policy.queue_name:
         child["metadata"]["labels"][KUEUE_QUEUE_LABEL] = spec.run_policy.queue_name
     deadline = getattr(spec.stages, stage).active_deadline_seconds
     if deadline is not None:
         child["spec"]["activeDeadlineSeconds"] = deadline
-    if spec.run_policy.ttl_seconds_after_finished is not None:
+    if spec.run_policy.ttl_seconds_after_finished is not None and child["kind"] == "RayJob":
         child["spec"]["ttlSecondsAfterFinished"] = spec.run_policy.ttl_seconds_after_finished
     return child
 

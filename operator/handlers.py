@@ -133,6 +133,13 @@ def apply(action: Action, namespace: str) -> None:
             if err.status != 409:  # already there: an earlier reconcile made it
                 raise
         return
+    if action.verb == "expire":  # the TTL-after-finished controller deletes it when due
+        try:
+            batch.patch_namespaced_job(action.name, namespace, {"spec": {"ttlSecondsAfterFinished": action.manifest["ttl"]}})
+        except ApiException as err:
+            if err.status != 404:  # already gone
+                raise
+        return
     patch = {"spec": {"suspend": action.verb == "suspend"}}
     if action.kind == "Job":
         batch.patch_namespaced_job(action.name, namespace, patch)

@@ -51,7 +51,8 @@ class Observed:
 
 @dataclass(frozen=True)
 class Action:
-    """create: make `manifest`; suspend / resume: set spec.suspend of the child `kind/name`."""
+    """create: make `manifest`; suspend / resume: set spec.suspend of the child `kind/name`;
+    expire: set a finished Job's ttlSecondsAfterFinished to `manifest["ttl"]`."""
 
     verb: str
     kind: str
@@ -140,7 +141,8 @@ def job_state(
     failed = _condition(job, "Failed")
     if failed:
         message = termination_message(list(pods)) or failed.get("message", "")
-        return ChildState("Job", name, "Failed", failed.get("reason", "Failed"), message)
+        return ChildState("Job", name, "Failed", failed.get("reason", "Failed"), message,
+                          completion_time=failed.get("lastTransitionTime"))
     if (job.get("spec") or {}).get("suspend"):
         return ChildState("Job", name, "Suspended")
     return ChildState("Job", name, "Running", problem=pod_problem(list(pods), now) if now else None)
@@ -165,9 +167,34 @@ def rayjob_state(rayjob: dict[str, Any]) -> ChildState:
 
 
 def spec_hash(spec: dict[str, Any]) -> str:
-    """Hash of what may not change after start (everything but suspend and runPolicy)."""
+    """Hash of what may not change after start (everything but suspend and runPolicy), over
+    the values that differ from their defaults: an operator upgrade that adds a defaulted field
+    (which the API server then fills into every stored job) changes no running job's hash."""
+    meaningful = parse_spec(spec).model_dump(mode="json", by_alias=True, exclude_defaults=True)
+    fixed = {k: v for k, v in meaningful.items() if k not in ("suspend", "runPolicy")}
+    return hashlib.sha256(json.dumps(fixed, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _legacy_spec_hash(spec: dict[str, Any]) -> str:
+    """The hash 0.1.0 recorded (over the spec as stored, defaults included): a job started by
+    it keeps running under this operator."""
     fixed = {k: v for k, v in spec.items() if k not in ("suspend", "runPolicy")}
     return hashlib.sha256(json.dumps(fixed, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def expire_children(observed: Observed, ttl: int | None, now: str) -> list[Action]:
+    """runPolicy.ttlSecondsAfterFinished counts from the end of the B3Job, as Kubeflow users
+    expect, not from each stage's end: once the job is over, each finished stage Job gets the
+    TTL that makes the TTL-after-finished controller delete it `ttl` seconds from now. (A stage
+    Job deleted while the job runs would otherwise look like a stage never run.)"""
+    if ttl is None:
+        return []
+    return [
+        Action("expire", "Job", child.name,
+               {"ttl": ttl + max(0, int(seconds_between(child.completion_time or now, now)))})
+        for child in observed.stages.values()
+        if child.kind == "Job" and child.state in ("Succeeded", "Failed")
+    ]  # fmt: skip
 
 
 def set_condition(
@@ -250,6 +277,8 @@ def plan(body: dict[str, Any], observed: Observed, now: str) -> Plan:
         return finish("Failed", message)
 
     digest = spec_hash(spec_dict)
+    if status.get("specHash") == _legacy_spec_hash(spec_dict):
+        status["specHash"] = digest  # recorded by 0.1.0: the same spec
     recorded = status.setdefault("specHash", digest)
     if recorded != digest:
         message = (f"spec changed after the job started ({recorded} -> {digest}); only suspend and "
@@ -274,6 +303,8 @@ def plan(body: dict[str, Any], observed: Observed, now: str) -> Plan:
     for stage in STAGES:
         record = stages.setdefault(stage, {})
         child = observed.stages.get(stage)
+        if record.get("completionTime"):  # done, whether its child still exists or not
+            continue
         if child is None:  # the stage's turn: create its child (suspended if the job is)
             for manifest in children.stage_child(body, spec, stage, suspend=spec.suspend):
                 actions.append(
@@ -308,6 +339,7 @@ def plan(body: dict[str, Any], observed: Observed, now: str) -> Plan:
             set_condition(status, "Running", False, "Failed", message, now)
             status["completionTime"] = now
             events.append(("Warning", "StageFailed", message))
+            actions.extend(expire_children(observed, spec.run_policy.ttl_seconds_after_finished, now))
             return finish("Failed", message)
         if spec.suspend and child.state != "Suspended":
             actions.append(Action("suspend", child.kind, child.name))
@@ -326,6 +358,7 @@ def plan(body: dict[str, Any], observed: Observed, now: str) -> Plan:
     set_condition(
         status, "Succeeded", True, "AllStagesSucceeded", "rank, partition and train succeeded", now
     )
+    actions.extend(expire_children(observed, spec.run_policy.ttl_seconds_after_finished, now))
     return finish("Succeeded", f"model in {spec.train_dir}/train/final/model")
 
 

@@ -301,3 +301,59 @@ def test_a_running_stage_whose_pods_cannot_start_is_stalled_until_they_do():
     fine = Observed(configmap=True, stages={"rank": job_state(job, [], LATER)})
     recovered, _, _ = run(body(status=again.status), fine, LATER)
     assert conditions(recovered.status)["Stalled"] == "False"
+
+
+# --- runPolicy.ttlSecondsAfterFinished and the spec hash (issue: behaviour on real clusters) ---
+
+
+def test_a_finished_stage_whose_job_the_ttl_controller_deleted_stays_done():
+    """The recorded completion says the stage is done; a missing child is not a stage to run."""
+    status = {"specHash": plan(body(), Observed(), NOW).status["specHash"],
+              "stages": {"rank": {"startTime": NOW, "completionTime": NOW}, "partition": {"startTime": NOW}}}  # fmt: skip
+    result, actions, _ = run(body(status), Observed(configmap=True, stages={"partition": child("partition", "Running")}))
+    assert actions == [] and result.status["phase"] == "Partitioning"
+
+
+def test_ttl_counts_from_the_end_of_the_b3job():
+    """Stage Jobs carry no TTL while the job runs; when it ends, each finished Job gets the TTL
+    that makes the TTL controller delete it `ttl` seconds after the B3Job ended."""
+    from b3.spec import parse_spec
+    from b3_operator import children
+
+    spec = {**SPEC, "runPolicy": {"ttlSecondsAfterFinished": 600}}
+    (job,) = children.stage_child(body(**spec), parse_spec(spec), "rank")
+    assert "ttlSecondsAfterFinished" not in job["spec"]
+    finished = Observed(configmap=True, stages={
+        "rank": child("rank", "Succeeded", completion_time="2026-11-23T09:00:00Z"),
+        "partition": child("partition", "Succeeded", completion_time="2026-11-23T09:30:00Z"),
+        "train": child("train", "Succeeded", completion_time=NOW)})  # fmt: skip
+    result = plan(body(runPolicy={"ttlSecondsAfterFinished": 600}), finished, NOW)
+    assert result.status["phase"] == "Succeeded"
+    assert [(a.verb, a.name, a.manifest["ttl"]) for a in result.actions] == [
+        ("expire", "job-1-rank", 600 + 3600), ("expire", "job-1-partition", 600 + 1800),
+        ("expire", "job-1-train", 600)]  # fmt: skip
+    failed = Observed(configmap=True, stages={
+        "rank": child("rank", "Succeeded", completion_time=NOW),
+        "partition": child("partition", "Failed", reason="PodFailurePolicy", completion_time=NOW)})  # fmt: skip
+    result = plan(body(runPolicy={"ttlSecondsAfterFinished": 0}), failed, NOW)
+    assert result.status["phase"] == "Failed"
+    assert [(a.verb, a.name, a.manifest["ttl"]) for a in result.actions] == [
+        ("expire", "job-1-rank", 0), ("expire", "job-1-partition", 0)]
+    assert [a.verb for a in plan(body(), finished, NOW).actions] == []  # no TTL asked: none set
+
+
+def test_the_spec_hash_survives_an_upgrade_that_adds_defaults():
+    """The API server fills a new version's defaulted fields into every stored job: the hash
+    must not see them, nor explicit defaults; a real change still shows; a hash recorded by
+    0.1.0 (over the stored spec) is taken over."""
+    from b3_operator.planner import _legacy_spec_hash, spec_hash
+
+    filled = {**SPEC, "teacher": {"batchSize": 64, "pooling": "mean"}, "mining": {**SPEC["mining"], "p": 30},
+              "training": {"lora": {"r": 8}}, "rank": {}}  # fmt: skip
+    assert spec_hash(filled) == spec_hash(SPEC)
+    assert spec_hash({**SPEC, "mining": {**SPEC["mining"], "p": 10}}) != spec_hash(SPEC)
+    assert spec_hash({**SPEC, "suspend": True, "runPolicy": {"queueName": "q"}}) == spec_hash(SPEC)
+    started_by_010 = {"specHash": _legacy_spec_hash(SPEC), "stages": {"rank": {"startTime": NOW}}}
+    result, actions, events = run(body(started_by_010), observed(rank="Running"))
+    assert "SpecChanged" not in events and result.status["specHash"] == spec_hash(SPEC)
+    assert conditions(result.status).get("SpecChanged") is None
