@@ -326,7 +326,12 @@ class PodTemplateSpec(_Model):
     volume_mounts: list[K8sObject] = Field(default_factory=list, description="Container mounts.")
     security_context: K8sObject | None = Field(
         None,
-        description="Pod securityContext (default: non-root, uid 1000, RuntimeDefault seccomp).",
+        description="Pod securityContext, merged over the default (non-root, uid/gid 1000, "
+        "RuntimeDefault seccomp): give only what differs.",
+    )
+    automount_service_account_token: bool = Field(
+        False,
+        description="Mount the ServiceAccount's API token in stage pods (they need none to run).",
     )
 
 
@@ -417,9 +422,20 @@ class B3JobSpec(_Model):
         return self.training.output_dir or self.work_dir
 
 
+# A B3Job's children are named <name>-spec, -rank, -partition, -train (and the train pods'
+# hostnames <name>-train-<index>): each must be a DNS-1035 label of at most 63 characters, so
+# the job's name starts with a letter and leaves room for the longest suffix, "-partition".
+NAME_PATTERN = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
+MAX_NAME_LENGTH = 63 - len("-partition")
+
+
 class ObjectMeta(BaseModel):
     model_config = ConfigDict(extra="allow")
-    name: str = Field("b3job", min_length=1)
+    name: str = Field(
+        "b3job", min_length=1, max_length=MAX_NAME_LENGTH, pattern=NAME_PATTERN,
+        description="lowercase letters, digits and '-', starting with a letter; at most 53 "
+        "characters, so that every child's name is a valid DNS label",
+    )  # fmt: skip
     namespace: str | None = None
 
 
@@ -488,6 +504,10 @@ def parse_manifest(doc: Any, base_dir: str | Path = ".") -> B3Job:
         spec = parse_spec(doc.get("spec") or {}) if "spec" in doc else None
     except SpecError as err:
         errors.extend(err.errors)
+    try:
+        metadata = ObjectMeta.model_validate(doc.get("metadata") or {})
+    except ValidationError as err:
+        errors.extend(_format_errors(err, "metadata"))
     if errors:
         raise SpecError(errors)
     base = Path(base_dir).resolve()
@@ -508,7 +528,7 @@ def parse_manifest(doc: Any, base_dir: str | Path = ".") -> B3Job:
     return B3Job(
         apiVersion=api_version,
         kind=KIND,
-        metadata=ObjectMeta.model_validate(doc.get("metadata") or {}),
+        metadata=metadata,
         spec=resolved,
     )
 

@@ -128,9 +128,8 @@ def pod_spec(
         "restartPolicy": "Never",
         "containers": [container],
         "volumes": volumes,
-        "securityContext": copy.deepcopy(t.security_context)
-        if t.security_context is not None
-        else DEFAULT_POD_SECURITY,
+        "securityContext": _merged(DEFAULT_POD_SECURITY, t.security_context or {}),
+        "automountServiceAccountToken": t.automount_service_account_token,
         "enableServiceLinks": False,
     }
     optional = {
@@ -144,6 +143,16 @@ def pod_spec(
     }
     pod.update({k: v for k, v in optional.items() if v is not None})
     return pod
+
+
+def _merged(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """`override` over `base`, key by key into nested objects (a user's runAsUser keeps the
+    default seccomp profile and non-root rule)."""
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        both = isinstance(value, dict) and isinstance(out.get(key), dict)
+        out[key] = _merged(out[key], value) if both else copy.deepcopy(value)
+    return out
 
 
 def _with_run_policy(child: dict[str, Any], spec: B3JobSpec, stage: str) -> dict[str, Any]:

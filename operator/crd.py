@@ -18,7 +18,16 @@ from typing import Any
 
 import yaml
 
-from b3.spec import API_GROUP, API_VERSION, KIND, parse_spec, spec_openapi_schema, spec_to_dict
+from b3.spec import (
+    API_GROUP,
+    API_VERSION,
+    KIND,
+    MAX_NAME_LENGTH,
+    NAME_PATTERN,
+    parse_spec,
+    spec_openapi_schema,
+    spec_to_dict,
+)  # fmt: skip
 
 PLURAL = "b3jobs"
 SHORT_NAME = "b3j"
@@ -159,7 +168,10 @@ def crd_manifest() -> dict[str, Any]:
                             "properties": {
                                 "apiVersion": {"type": "string"},
                                 "kind": {"type": "string"},
-                                "metadata": {"type": "object"},
+                                # the API server lets a CRD narrow metadata.name (and nothing else
+                                # of metadata): every child name must be a valid DNS label
+                                "metadata": {"type": "object", "properties": {"name": {
+                                    "type": "string", "maxLength": MAX_NAME_LENGTH, "pattern": NAME_PATTERN}}},
                                 "spec": spec,
                                 "status": status_schema(),
                             },

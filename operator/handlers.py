@@ -214,7 +214,9 @@ def on_child_job(body: kopf.Body, type: str | None, **_: Any) -> None:
             raise
 
 
-@kopf.on.delete(API_GROUP, API_VERSION, PLURAL)
+@kopf.on.delete(API_GROUP, API_VERSION, PLURAL, optional=True)
 def on_delete(body: kopf.Body, **_: Any) -> None:
-    """Children go with the job (ownerReferences); forget it in the metrics."""
+    """Children go with the job (ownerReferences); forget it in the metrics. Optional: no
+    finalizer, so a B3Job deleted while no operator runs (uninstalled, scaled down) goes at
+    once instead of hanging on a finalizer nobody removes."""
     metrics.record_phase(f"{body['metadata']['namespace']}/{body['metadata']['name']}", None)

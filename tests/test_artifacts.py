@@ -50,7 +50,7 @@ CHANGES = {
     "template.env": [{"name": "A", "value": "1"}], "template.envFrom": [{"secretRef": {"name": "s"}}],
     "template.volumes": [{"name": "v", "emptyDir": {}}],
     "template.volumeMounts": [{"name": "v", "mountPath": "/v"}],
-    "template.securityContext": {"runAsUser": 5},
+    "template.securityContext": {"runAsUser": 5}, "template.automountServiceAccountToken": True,
     **{f"stages.{s}.{f}": v for s in ("rank", "partition", "train")
        for f, v in (("resources", {"limits": {"cpu": "1"}}), ("backoffLimit", 5),
                     ("activeDeadlineSeconds", 60))},

@@ -176,6 +176,11 @@ def test_a_b3job_runs_every_stage_as_real_jobs_and_survives_an_operator_restart(
     table = operator.kubectl("get", "b3j", "-n", "e2e").stdout.splitlines()
     assert table[0].split()[:4] == ["NAME", "PHASE", "STAGE", "PROGRESS"]
     assert table[1].split()[:2] == ["debian", "Succeeded"] and "3/3" in table[1]
+    for pod in get(operator, "pods", "-n", "e2e", "-l", "b3.dev/job=debian")["items"]:
+        spec = pod["spec"]  # no API token in stage pods: the admission plugin added no volume
+        assert spec["automountServiceAccountToken"] is False
+        assert not [v for v in spec["volumes"] if v["name"].startswith("kube-api-access")]
+        assert spec["securityContext"]["runAsNonRoot"] is True
     logs = operator.pod_logs(OPERATOR_NS, "b3-b3-operator")
     assert "Forbidden" not in logs  # every 403 says so; the audit log is checked in the RBAC test
 
@@ -285,3 +290,19 @@ def test_rbac_every_rule_is_used_none_refused_and_each_removal_denies_its_steps(
     for verb, group, resource in (("get", "", "pods"), ("list", "", "configmaps"), ("get", "", "secrets"),
                                   ("list", "b3.dev", "b3jobs"), ("create", "batch", "jobs")):  # fmt: skip
         assert not can_i(operator, verb, group, resource, worker, OPERATOR_NS)
+
+
+def test_a_finished_b3job_deleted_while_no_operator_runs_goes_at_once(operator, data_volume):
+    """No finalizer on a finished job (the delete handler is optional; kopf keeps a finalizer
+    only while its safety-net timer runs, i.e. while the job runs): with the operator scaled to
+    zero, deleting it does not hang, and the garbage collector takes its children. Last: it
+    stops the operator."""
+    apply(operator, b3job("orphan", **{"dataset.columns": {"query": "missing", "positive": "positive"}}))
+    wait_for("it failed", lambda: status(operator, "orphan").get("phase") == "Failed", 240)
+    wait_for("no finalizer", lambda: not get(operator, "b3job", "-n", "e2e", "orphan")["metadata"].get("finalizers"), 30)
+    operator.kubectl("scale", "deployment", "-n", OPERATOR_NS, "b3-b3-operator", "--replicas=0")
+    wait_for("operator gone", lambda: not get(operator, "pods", "-n", OPERATOR_NS, "-l",
+                                                "app.kubernetes.io/name=b3-operator")["items"], 60)  # fmt: skip
+    operator.kubectl("delete", "b3job", "-n", "e2e", "orphan", "--timeout=20s")
+    wait_for("children collected", lambda: not get(operator, "jobs,configmaps", "-n", "e2e",
+                                                      "-l", "b3.dev/job=orphan")["items"], 60)  # fmt: skip

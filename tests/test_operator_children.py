@@ -156,9 +156,15 @@ def test_pods_run_as_non_root_unless_the_spec_says_otherwise():
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert pod["containers"][0]["securityContext"]["capabilities"] == {"drop": ["ALL"]}
     assert pod["containers"][0]["resources"] == {"limits": {"nvidia.com/gpu": "1"}}
-    custom = {**BASE, "template": {"securityContext": {"runAsUser": 2000, "runAsNonRoot": True}}}
+    assert pod["automountServiceAccountToken"] is False  # stage pods need no API token
+    # a user securityContext is merged over the hardened default, not in place of it
+    custom = {**BASE, "template": {"securityContext": {"runAsUser": 2000, "seccompProfile": {"type": "Localhost",
+              "localhostProfile": "b3.json"}}, "automountServiceAccountToken": True}}  # fmt: skip
     pod = every_child(custom)[1]["spec"]["template"]["spec"]
-    assert pod["securityContext"] == {"runAsUser": 2000, "runAsNonRoot": True}
+    assert pod["securityContext"] == {
+        "runAsNonRoot": True, "runAsUser": 2000, "runAsGroup": 1000, "fsGroup": 1000,
+        "seccompProfile": {"type": "Localhost", "localhostProfile": "b3.json"}}  # fmt: skip
+    assert pod["automountServiceAccountToken"] is True
 
 
 def test_a_suspended_job_creates_its_stage_suspended():
@@ -182,3 +188,22 @@ def test_the_templates_env_overrides_the_operators_once_per_name():
                 names = [e["name"] for e in pod["containers"][0]["env"]]
                 assert len(names) == len(set(names)) and "B3_MANIFEST" in names
                 assert {"name": "B3_METRICS_LINGER_SECONDS", "value": "0"} in pod["containers"][0]["env"]
+
+
+def test_every_child_name_of_the_longest_allowed_job_name_is_a_dns_label():
+    import re
+
+    from b3.spec import MAX_NAME_LENGTH, NAME_PATTERN
+
+    name = "a" * MAX_NAME_LENGTH
+    assert re.fullmatch(NAME_PATTERN, name)
+    b = {**body(MULTI_NODE), "metadata": {**body(MULTI_NODE)["metadata"], "name": name}}
+    parsed = parse_spec(MULTI_NODE)
+    objects = [children.spec_configmap(b, parsed)]
+    for stage in ("rank", "partition", "train"):
+        objects += children.stage_child(b, parsed, stage)
+    for obj in objects:
+        child = obj["metadata"]["name"]
+        assert len(child) <= 63 and re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", child), child
+    hostname = f"{children.child_name(name, 'train')}-{MULTI_NODE['training']['nodes'] - 1}"
+    assert len(hostname) <= 63  # the Indexed Job's pods: <job>-train-<index>

@@ -18,6 +18,7 @@ from conftest import write_manifest
 from prometheus_client.parser import text_string_to_metric_families
 from safetensors.torch import load_file
 
+import b3.metrics
 import b3.train
 from b3.artifacts import Artifacts
 from b3.cli import main
@@ -147,7 +148,12 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(mined, monkeypatch,
         return (float("nan"), acc, stop) if calls["n"] == 5 else (loss, acc, stop)
 
     monkeypatch.setattr(b3.train, "compute_gradients", sometimes_nan)
+    made = []
+    monkeypatch.setattr(b3.train, "TrainMetrics", lambda *a, **k: made.append(b3.metrics.TrainMetrics(*a, **k)) or made[-1])
     assert main(["train", manifest]) == 1
+    # the gauge holds the bad loss before training stops: B3TrainingLossNotFinite can fire
+    loss = made[0].registry.get_sample_value("b3_train_loss", {"b3job": "nan"})
+    assert loss is not None and np.isnan(loss)
     err = capsys.readouterr().err
     assert "loss is nan at step 5" in err and "step-0000004" in err
     assert sorted(os.listdir(checkpoint_root(manifest))) == ["step-0000002", "step-0000004"]
