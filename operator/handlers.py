@@ -10,6 +10,7 @@ acts; `--liveness` serves kopf's health endpoint for the Deployment's probe.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -23,7 +24,15 @@ from kubernetes.client.exceptions import ApiException
 from b3.spec import API_GROUP, API_VERSION
 from b3_operator import children, metrics
 from b3_operator.crd import PLURAL
-from b3_operator.planner import STAGES, Action, Observed, job_state, plan, rayjob_state
+from b3_operator.planner import (
+    STAGES,
+    Action,
+    Observed,
+    create_refused,
+    job_state,
+    plan,
+    rayjob_state,
+)  # fmt: skip
 
 RAY_GROUP, RAY_VERSION, RAY_PLURAL = "ray.io", "v1", "rayjobs"
 OBSERVED_ANNOTATION = f"{API_GROUP}/children"  # written by the child watch to re-trigger the job
@@ -76,6 +85,15 @@ def _owned(obj: dict[str, Any], uid: str) -> bool:
     )
 
 
+def _foreign(kind: str, obj: dict[str, Any]) -> str:
+    owners = [f"{r.get('kind')} {r.get('name')}" for r in obj["metadata"].get("ownerReferences") or []]
+    return f"{kind} {obj['metadata']['name']} exists (owned by {', '.join(owners) or 'nobody'})"
+
+
+class ForeignChild(Exception):
+    """A child's name is taken by an object this B3Job does not own."""
+
+
 def observe(body: dict[str, Any]) -> Observed:
     """Read the job's children from the API server."""
     meta = body["metadata"]
@@ -83,15 +101,21 @@ def observe(body: dict[str, Any]) -> Observed:
     core, batch = kubernetes.client.CoreV1Api(), kubernetes.client.BatchV1Api()
     observed = Observed()
     try:
-        core.read_namespaced_config_map(children.child_name(name, "spec"), ns)
-        observed.configmap = True
+        configmap = _as_dict(core.read_namespaced_config_map(children.child_name(name, "spec"), ns))
+        if _owned(configmap, uid):
+            observed.configmap = True
+        else:
+            observed.foreign.append(_foreign("ConfigMap", configmap))
     except ApiException as err:
         if err.status != 404:
             raise
     jobs = batch.list_namespaced_job(ns, label_selector=f"{children.JOB_LABEL}={name}")
     for job in (_as_dict(j) for j in jobs.items):
         stage = (job["metadata"].get("labels") or {}).get(children.STAGE_LABEL)
-        if stage not in STAGES or not _owned(job, uid):
+        if stage not in STAGES:
+            continue
+        if not _owned(job, uid):  # e.g. left by a deleted B3Job of the same name
+            observed.foreign.append(_foreign("Job", job))
             continue
         pods: list[dict[str, Any]] = []
         finished = any(c.get("type") == "Complete" and c.get("status") == "True"
@@ -109,6 +133,8 @@ def observe(body: dict[str, Any]) -> Observed:
         )
         if _owned(rayjob, uid):
             observed.stages["rank"] = rayjob_state(rayjob)
+        else:
+            observed.foreign.append(_foreign("RayJob", rayjob))
     except ApiException as err:
         if err.status not in (404, 403):  # 404: none; 403/404 also when KubeRay is not installed
             raise
@@ -130,8 +156,15 @@ def apply(action: Action, namespace: str) -> None:
         try:
             create(action.manifest)
         except ApiException as err:
-            if err.status != 409:  # already there: an earlier reconcile made it
+            if err.status != 409:
                 raise
+            # the name is taken by an object observe() did not see as ours: only the train
+            # Service (not observed) may be ours, made just before a restart
+            if action.kind != "Service":
+                raise ForeignChild(f"{action.kind} {action.name} exists, not created by this B3Job") from None
+            service = _as_dict(core.read_namespaced_service(action.name, namespace))
+            if not _owned(service, action.manifest["metadata"]["ownerReferences"][0]["uid"]):
+                raise ForeignChild(_foreign("Service", service)) from None
         return
     if action.verb == "expire":  # the TTL-after-finished controller deletes it when due
         try:
@@ -153,25 +186,49 @@ def now() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def _server_message(err: ApiException) -> str:
+    """The API server's own words from an error response (its Status message)."""
+    try:
+        return json.loads(err.body).get("message") or err.reason
+    except (TypeError, ValueError):
+        return str(err.reason)
+
+
+def _record(body: kopf.Body, patch: kopf.Patch, result) -> None:
+    """Events, stage-duration and phase metrics, and the status patch of one plan."""
+    for kind, reason, message in result.events:
+        kopf.event(body, type=kind, reason=reason, message=message)
+    old_stages = (body.get("status") or {}).get("stages") or {}
+    for stage, record in result.status.get("stages", {}).items():
+        if record.get("completionTime") and not old_stages.get(stage, {}).get("completionTime"):
+            metrics.record_stage(stage, record["startTime"], record["completionTime"])
+    patch.status.update(result.status)
+    metrics.record_phase(
+        f"{body['metadata']['namespace']}/{body['metadata']['name']}", result.status.get("phase")
+    )
+
+
 def reconcile(body: kopf.Body, patch: kopf.Patch, trigger: str) -> None:
     started = time.perf_counter()
     metrics.RECONCILES.labels(trigger).inc()
     try:
-        raw = dict(body)
-        result = plan(raw, observe(raw), now())
-        for action in result.actions:
-            apply(action, body["metadata"]["namespace"])
-        for kind, reason, message in result.events:
-            kopf.event(body, type=kind, reason=reason, message=message)
-        old_stages = (body.get("status") or {}).get("stages") or {}
-        for stage, record in result.status.get("stages", {}).items():
-            if record.get("completionTime") and not old_stages.get(stage, {}).get("completionTime"):
-                metrics.record_stage(stage, record["startTime"], record["completionTime"])
-        patch.status.update(result.status)
-        metrics.record_phase(
-            f"{body['metadata']['namespace']}/{body['metadata']['name']}",
-            result.status.get("phase"),
-        )
+        raw, stamp = dict(body), now()
+        observed = observe(raw)
+        result = plan(raw, observed, stamp)
+        try:
+            for action in result.actions:
+                apply(action, body["metadata"]["namespace"])
+        except ForeignChild as err:
+            observed.foreign.append(str(err))
+            result = plan(raw, observed, stamp)  # Blocked, nothing to do
+        except ApiException as err:
+            if action.verb != "create" or not 400 <= err.status < 500:
+                raise
+            refused = create_refused(raw, result.status, action.kind, action.name, err.status,
+                                     _server_message(err), stamp)  # fmt: skip
+            _record(body, patch, refused)
+            raise kopf.PermanentError(refused.status["message"]) from None
+        _record(body, patch, result)
     except Exception:
         metrics.RECONCILE_ERRORS.labels(trigger).inc()
         raise  # kopf logs it, posts an Event and retries with backoff

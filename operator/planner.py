@@ -47,6 +47,7 @@ class ChildState:
 class Observed:
     configmap: bool = False
     stages: dict[str, ChildState] = field(default_factory=dict)
+    foreign: list[str] = field(default_factory=list)  # objects with a child's name, not ours
 
 
 @dataclass(frozen=True)
@@ -182,6 +183,18 @@ def _legacy_spec_hash(spec: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(fixed, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def create_refused(body: dict[str, Any], status: dict[str, Any], kind: str, name: str,
+                   code: int, message: str, now: str) -> Plan:
+    """The API server refused to create a child (4xx other than 409: invalid, forbidden, over
+    quota at admission): retrying cannot help, so the job fails with the server's words."""
+    status = copy.deepcopy(status)
+    text = f"creating {kind} {name} was refused ({code}): {message}"
+    set_condition(status, "Failed", True, "CreateRefused", text, now)
+    set_condition(status, "Running", False, "Failed", text, now)
+    status.update(phase="Failed", message=text, completionTime=now)
+    return Plan([], status, [("Warning", "CreateRefused", text)])
+
+
 def expire_children(observed: Observed, ttl: int | None, now: str) -> list[Action]:
     """runPolicy.ttlSecondsAfterFinished counts from the end of the B3Job, as Kubeflow users
     expect, not from each stage's end: once the job is over, each finished stage Job gets the
@@ -293,6 +306,19 @@ def plan(body: dict[str, Any], observed: Observed, now: str) -> Plan:
         return Plan([], status, events)
     if any(c["type"] == "SpecChanged" for c in status.get("conditions", [])):
         set_condition(status, "SpecChanged", False, "SpecRestored", "", now)
+
+    blocked = any(c["type"] == "Blocked" and c["status"] == "True" for c in status.get("conditions", []))
+    if observed.foreign:  # never adopt or wait on what another owner made
+        message = ("; ".join(observed.foreign) + ": not this B3Job's children; delete or rename "
+                   "them, or give this B3Job another name")  # fmt: skip
+        if not blocked:
+            events.append(("Warning", "ForeignObject", message))
+        set_condition(status, "Blocked", True, "ForeignObject", message, now)
+        status["message"] = message
+        status.setdefault("phase", "Pending")
+        return Plan([], status, events)
+    if blocked:
+        set_condition(status, "Blocked", False, "Resolved", "", now)
 
     if not observed.configmap:
         actions.append(Action("create", "ConfigMap", children.child_name(body["metadata"]["name"], "spec"),

@@ -13,7 +13,8 @@ RULES = [
     # children: created once by name, suspended/resumed by patch; never deleted (garbage collection
     # deletes them with the B3Job through ownerReferences)
     {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get", "create"]},
-    {"apiGroups": [""], "resources": ["services"], "verbs": ["create"]},
+    # get: whether a train Service whose creation met 409 is ours (made just before a restart)
+    {"apiGroups": [""], "resources": ["services"], "verbs": ["get", "create"]},
     {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["list", "watch", "create", "patch"]},
     {"apiGroups": ["ray.io"], "resources": ["rayjobs"], "verbs": ["get", "create", "patch"]},
     # the failing pod's termination message

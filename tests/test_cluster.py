@@ -219,6 +219,32 @@ def test_bad_input_fails_the_job_at_once_through_the_real_pod_failure_policy(ope
                                                       "-l", "b3.dev/job=badcolumn")["items"], 120)  # fmt: skip
 
 
+def test_a_foreign_object_blocks_and_a_refused_create_fails_the_job(operator, data_volume):
+    """A ConfigMap named like the job's spec ConfigMap but not its own: condition Blocked and
+    one Warning Event naming it, nothing created; deleted, the job goes on. A child the API
+    server refuses (422 here: an invalid volume name in the template) fails the job at once
+    with the server's message instead of a retry loop."""
+    operator.kubectl("create", "configmap", "-n", "e2e", "taken-spec", "--from-literal=a=b")
+    apply(operator, b3job("taken", suspend=True))
+    blocked = wait_for("Blocked", lambda: {c["type"]: c for c in status(operator, "taken").get("conditions", [])}.get("Blocked"), 60)
+    assert blocked["status"] == "True" and blocked["reason"] == "ForeignObject"
+    assert "ConfigMap taken-spec exists (owned by nobody)" in blocked["message"]
+    assert [r for r, _ in events(operator, "taken")].count("ForeignObject") == 1
+    assert not get(operator, "jobs", "-n", "e2e", "-l", "b3.dev/job=taken")["items"]
+    operator.kubectl("delete", "configmap", "-n", "e2e", "taken-spec")
+    operator.kubectl("annotate", "b3job", "-n", "e2e", "taken", "nudge=1")  # any change re-reconciles
+    wait_for("rank Job created", lambda: get(operator, "jobs", "-n", "e2e", "-l", "b3.dev/job=taken")["items"], 60)
+    operator.kubectl("delete", "b3job", "-n", "e2e", "taken", "--wait=false")
+
+    bad = b3job("refused")
+    bad["spec"]["template"]["volumes"].append({"name": "Bad_Name", "emptyDir": {}})
+    apply(operator, bad)
+    final = wait_for("Failed", lambda: status(operator, "refused").get("phase") == "Failed" and status(operator, "refused"), 60)
+    assert "creating Job refused-rank was refused (422)" in final["message"] and "Bad_Name" in final["message"]
+    assert {c["type"]: c["reason"] for c in final["conditions"]}["Failed"] == "CreateRefused"
+    assert "CreateRefused" in [r for r, _ in events(operator, "refused")]
+
+
 def test_a_ray_rank_stage_is_a_rayjob_the_operator_creates_and_resumes(operator, data_volume):
     """KubeRay's RayJob CRD (no KubeRay controller here): the operator's RayJob calls against
     the real API server, validated by KubeRay's own schema."""

@@ -357,3 +357,27 @@ def test_the_spec_hash_survives_an_upgrade_that_adds_defaults():
     result, actions, events = run(body(started_by_010), observed(rank="Running"))
     assert "SpecChanged" not in events and result.status["specHash"] == spec_hash(SPEC)
     assert conditions(result.status).get("SpecChanged") is None
+
+
+def test_a_foreign_object_with_a_childs_name_blocks_until_it_is_gone():
+    """Never adopt or wait on another owner's ConfigMap or Job: Blocked, one Warning Event,
+    nothing created; once it is gone, the job goes on."""
+    foreign = Observed(foreign=["ConfigMap job-1-spec exists (owned by B3Job old)"])
+    result, actions, events = run(body(), foreign)
+    assert actions == [] and events == ["ForeignObject"]
+    assert conditions(result.status)["Blocked"] == "True" and "job-1-spec" in result.status["message"]
+    again, actions, events = run(body(result.status), foreign, LATER)
+    assert actions == [] and events == []  # the Event once
+    freed, actions, _ = run(body(again.status), Observed(), LATER)
+    assert actions[0] == ("create", "ConfigMap", "job-1-spec") and conditions(freed.status)["Blocked"] == "False"
+
+
+def test_a_refused_create_fails_the_job_with_the_servers_message():
+    from b3_operator.planner import create_refused
+
+    result = create_refused(body(), {"phase": "Ranking"}, "Job", "job-1-rank", 422,
+                            'Job.batch "job-1-rank" is invalid: spec.template.spec.volumes[2].name: Invalid value: "Bad_Name"', NOW)  # fmt: skip
+    assert result.status["phase"] == "Failed" and "Bad_Name" in result.status["message"]
+    failed = next(c for c in result.status["conditions"] if c["type"] == "Failed")
+    assert failed["reason"] == "CreateRefused" and "(422)" in failed["message"]
+    assert [e[1] for e in result.events] == ["CreateRefused"]

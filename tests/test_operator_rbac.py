@@ -16,6 +16,7 @@ CALLS = {
     "read_namespaced_config_map": ("", "configmaps", "get"),
     "create_namespaced_config_map": ("", "configmaps", "create"),
     "create_namespaced_service": ("", "services", "create"),
+    "read_namespaced_service": ("", "services", "get"),
     "list_namespaced_job": ("batch", "jobs", "list"),
     "create_namespaced_job": ("batch", "jobs", "create"),
     "patch_namespaced_job": ("batch", "jobs", "patch"),

@@ -37,7 +37,7 @@ app.kubernetes.io/component: operator
   verbs: [get, create]
 - apiGroups: [""]
   resources: [services]
-  verbs: [create]
+  verbs: [get, create]
 - apiGroups: [batch]
   resources: [jobs]
   verbs: [list, watch, create, patch]
