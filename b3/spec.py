@@ -345,6 +345,11 @@ class StagePolicySpec(_Model):
     active_deadline_seconds: int | None = Field(
         None, ge=1, description="Wall-clock limit of the stage's Job."
     )
+    startup_deadline_seconds: int | None = Field(
+        None, ge=1,
+        description="Fail the stage when its pods have not all started this long after it "
+        "began (they cannot be created, scheduled or pulled). Absent: wait, with a Stalled condition.",
+    )  # fmt: skip
 
 
 class StagesSpec(_Model):

@@ -126,7 +126,14 @@ def observe(body: dict[str, Any]) -> Observed:
             )
             pods = [p for p in (_as_dict(p) for p in listed.items)
                     if (p["metadata"].get("labels") or {}).get("job-name") == job["metadata"]["name"]]  # fmt: skip
-        observed.stages[stage] = job_state(job, pods, now())
+        failed_create = ""
+        if not finished and not (job.get("status") or {}).get("active"):  # no pod: why not?
+            selector = (f"involvedObject.kind=Job,involvedObject.name={job['metadata']['name']},"
+                        "reason=FailedCreate")  # fmt: skip
+            found = sorted(core.list_namespaced_event(ns, field_selector=selector).items,
+                           key=lambda e: e.last_timestamp or e.event_time or e.metadata.creation_timestamp)  # fmt: skip
+            failed_create = found[-1].message if found else ""
+        observed.stages[stage] = job_state(job, pods, now(), failed_create)
     try:
         rayjob = kubernetes.client.CustomObjectsApi().get_namespaced_custom_object(
             RAY_GROUP, RAY_VERSION, ns, RAY_PLURAL, children.child_name(name, "rank")

@@ -41,6 +41,7 @@ class ChildState:
     message: str = ""
     completion_time: str | None = None
     problem: tuple[str, str] | None = None  # (reason, message) of a stuck pod: see pod_problem
+    started: bool = True  # every pod has started (run, or finished); False while any waits
 
 
 @dataclass
@@ -131,9 +132,11 @@ def pod_problem(pods: list[dict[str, Any]], now: str) -> tuple[str, str] | None:
 
 
 def job_state(
-    job: dict[str, Any], pods: list[dict[str, Any]] = (), now: str | None = None
+    job: dict[str, Any], pods: list[dict[str, Any]] = (), now: str | None = None,
+    failed_create: str = "",
 ) -> ChildState:
-    """Summarise a batch/v1 Job (and its pods, for the failure message)."""
+    """Summarise a batch/v1 Job (and its pods, for the failure message; `failed_create`, the
+    Job controller's newest FailedCreate Event, for a Job that cannot make its pods)."""
     name = job["metadata"]["name"]
     if _condition(job, "Complete"):
         return ChildState(
@@ -146,7 +149,13 @@ def job_state(
                           completion_time=failed.get("lastTransitionTime"))
     if (job.get("spec") or {}).get("suspend"):
         return ChildState("Job", name, "Suspended")
-    return ChildState("Job", name, "Running", problem=pod_problem(list(pods), now) if now else None)
+    status, spec = job.get("status") or {}, job.get("spec") or {}
+    begun = sum(status.get(k) or 0 for k in ("ready", "succeeded", "failed"))
+    started = begun >= (spec.get("parallelism") or 1)
+    problem = pod_problem(list(pods), now) if now else None
+    if problem is None and failed_create and not status.get("active"):
+        problem = ("FailedCreate", f"Job {name}: {failed_create}")  # quota, admission, no SA
+    return ChildState("Job", name, "Running", problem=problem, started=started)
 
 
 def rayjob_state(rayjob: dict[str, Any]) -> ChildState:
@@ -376,6 +385,17 @@ def plan(body: dict[str, Any], observed: Observed, now: str) -> Plan:
             actions.append(Action("resume", child.kind, child.name))
             events.append(("Normal", "Resuming", f"{stage}: resuming {child.kind} {child.name}"))
         _stalled(status, child.problem, events, now)
+        deadline = getattr(spec.stages, stage).startup_deadline_seconds
+        waited = seconds_between(record.get("startTime") or now, now)
+        if deadline is not None and not child.started and not spec.suspend and waited > deadline:
+            why = f": {child.problem[1]}" if child.problem else ""
+            message = f"{stage}: pods not started {int(waited)}s after the stage began (startupDeadlineSeconds {deadline}){why}"
+            set_condition(status, "Failed", True, "StartupDeadlineExceeded", message, now)
+            set_condition(status, "Running", False, "Failed", message, now)
+            status["completionTime"] = now
+            events.append(("Warning", "StartupDeadlineExceeded", message))
+            actions.extend(expire_children(observed, spec.run_policy.ttl_seconds_after_finished, now))
+            return finish("Failed", message)
         return _running(status, stage, spec.suspend, now, finish)
 
     status["stage"] = ""

@@ -19,8 +19,9 @@ RULES = [
     {"apiGroups": ["ray.io"], "resources": ["rayjobs"], "verbs": ["get", "create", "patch"]},
     # the failing pod's termination message
     {"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]},
-    # Events on every transition
+    # Events on every transition; the Job controller's FailedCreate Events of a stage Job
     {"apiGroups": ["", "events.k8s.io"], "resources": ["events"], "verbs": ["create"]},
+    {"apiGroups": [""], "resources": ["events"], "verbs": ["list"]},
 ]
 
 # cluster-scoped, for kopf itself: discovery of CRDs, and peering between replicas

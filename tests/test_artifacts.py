@@ -53,7 +53,7 @@ CHANGES = {
     "template.securityContext": {"runAsUser": 5}, "template.automountServiceAccountToken": True,
     **{f"stages.{s}.{f}": v for s in ("rank", "partition", "train")
        for f, v in (("resources", {"limits": {"cpu": "1"}}), ("backoffLimit", 5),
-                    ("activeDeadlineSeconds", 60))},
+                    ("activeDeadlineSeconds", 60), ("startupDeadlineSeconds", 30))},
     "runPolicy.ttlSecondsAfterFinished": 10, "runPolicy.queueName": "q",
     "runPolicy.schedulerName": "volcano",
 }  # fmt: skip

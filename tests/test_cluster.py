@@ -245,6 +245,19 @@ def test_a_foreign_object_blocks_and_a_refused_create_fails_the_job(operator, da
     assert "CreateRefused" in [r for r, _ in events(operator, "refused")]
 
 
+def test_a_stage_that_cannot_create_its_pods_is_stalled_then_fails_at_its_startup_deadline(operator, data_volume):
+    """The real Job controller cannot create the pod (its ServiceAccount does not exist): the
+    B3Job gets Stalled quoting the FailedCreate Event, then fails at startupDeadlineSeconds."""
+    apply(operator, b3job("nosa", **{"template.serviceAccountName": "nobody",
+                                     "stages": {"rank": {"startupDeadlineSeconds": 5}}}))  # fmt: skip
+    final = wait_for("failed at the deadline", lambda: status(operator, "nosa").get("phase") == "Failed"
+                     and status(operator, "nosa"), 150, 2)  # fmt: skip
+    reasons = {c["type"]: (c["status"], c["reason"]) for c in final["conditions"]}
+    assert reasons["Failed"] == ("True", "StartupDeadlineExceeded")
+    assert 'serviceaccount "nobody" not found' in final["message"] or "nobody" in final["message"]
+    assert {"Stalled", "StartupDeadlineExceeded"} <= {r for r, _ in events(operator, "nosa")}
+
+
 def test_a_ray_rank_stage_is_a_rayjob_the_operator_creates_and_resumes(operator, data_volume):
     """KubeRay's RayJob CRD (no KubeRay controller here): the operator's RayJob calls against
     the real API server, validated by KubeRay's own schema."""

@@ -381,3 +381,26 @@ def test_a_refused_create_fails_the_job_with_the_servers_message():
     failed = next(c for c in result.status["conditions"] if c["type"] == "Failed")
     assert failed["reason"] == "CreateRefused" and "(422)" in failed["message"]
     assert [e[1] for e in result.events] == ["CreateRefused"]
+
+
+def test_a_job_that_cannot_create_pods_is_stalled_and_a_startup_deadline_fails_it():
+    job = {"metadata": {"name": "job-1-rank"}, "spec": {"parallelism": 1}, "status": {}}
+    why = 'Error creating: pods "job-1-rank-x" is forbidden: error looking up service account ns/nobody'
+    state = job_state(job, [], NOW, failed_create=why)
+    assert state.state == "Running" and not state.started
+    assert state.problem == ("FailedCreate", f"Job job-1-rank: {why}")
+    assert job_state({**job, "status": {"ready": 1, "active": 1}}, [], NOW).started
+
+    spec = {"stages": {"rank": {"startupDeadlineSeconds": 600}}}
+    status = {"specHash": plan(body(**spec), Observed(), NOW).status["specHash"],
+              "stages": {"rank": {"startTime": NOW}}}  # fmt: skip
+    stuck = Observed(configmap=True, stages={"rank": state})
+    early, _, events = run(body(status, **spec), stuck, "2026-11-23T10:05:00Z")
+    assert early.status["phase"] == "Ranking" and conditions(early.status)["Stalled"] == "True"
+    assert "Stalled" in events
+    late, _, events = run(body(early.status, **spec), stuck, "2026-11-23T10:11:00Z")
+    assert late.status["phase"] == "Failed" and events == ["StartupDeadlineExceeded"]
+    failed = next(c for c in late.status["conditions"] if c["type"] == "Failed")
+    assert failed["reason"] == "StartupDeadlineExceeded" and "service account ns/nobody" in failed["message"]
+    running = Observed(configmap=True, stages={"rank": job_state({**job, "status": {"ready": 1, "active": 1}}, [], NOW)})
+    assert run(body(status, **spec), running, "2026-11-23T10:11:00Z")[0].status["phase"] == "Ranking"

@@ -21,6 +21,7 @@ CALLS = {
     "create_namespaced_job": ("batch", "jobs", "create"),
     "patch_namespaced_job": ("batch", "jobs", "patch"),
     "list_namespaced_pod": ("", "pods", "list"),
+    "list_namespaced_event": ("", "events", "list"),
     "get_namespaced_custom_object": ("ray.io", "rayjobs", "get"),
     "create_namespaced_custom_object": ("ray.io", "rayjobs", "create"),
     "patch_namespaced_custom_object": ("ray.io", "rayjobs", "patch"),
@@ -37,7 +38,7 @@ def allowed(group: str, resource: str, verb: str) -> bool:
 def test_every_client_call_in_the_handlers_is_allowed():
     tree = ast.parse(HANDLERS.read_text())
     called = {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute) and n.attr.endswith(
-        ("_namespaced_job", "_namespaced_pod", "_config_map", "_service", "_custom_object"))}  # fmt: skip
+        ("_namespaced_job", "_namespaced_pod", "_config_map", "_service", "_custom_object", "_namespaced_event"))}  # fmt: skip
     assert called, "no client calls found: did handlers.py change shape?"
     unknown = called - set(CALLS)
     assert not unknown, f"add these calls to CALLS and rbac.RULES: {unknown}"

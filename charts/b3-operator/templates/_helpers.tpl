@@ -50,4 +50,7 @@ app.kubernetes.io/component: operator
 - apiGroups: ["", events.k8s.io]
   resources: [events]
   verbs: [create]
+- apiGroups: [""]
+  resources: [events]
+  verbs: [list]
 {{- end -}}
