@@ -1,7 +1,8 @@
 """B3 batches against random batches: the same student, steps and seeds, evaluated on the test split.
 
-For each seed: rank once, partition once (K = --cluster-size), then train one LoRA student per arm
-and evaluate it (nDCG@10, R@1/10, MRR@10 on the held-out source packages):
+For each seed and batch size: rank and partition (K = --cluster-size; the teacher embeddings are
+computed once and shared), then train one LoRA student per arm and evaluate it (nDCG@10, R@1/10,
+MRR@10 on the held-out source packages):
 
     b3                B3 batches: |B|/K whole communities of one task
     random            uniformly random batches over the whole training split (a plain trainer)
@@ -11,8 +12,9 @@ and evaluate it (nDCG@10, R@1/10, MRR@10 on the held-out source packages):
 each optionally with a `training.falseNegatives` rule ("b3:teacher": mask the in-batch columns
 the teacher scores above the query's own positive; "b3:top-p": mask the query's top-p ranks)
 
-at every batch size in --batch-sizes. Every arm shares the rank and partition outputs:
-`minTaskSize` is pinned to the largest batch size so the mining groups do not change with |B|.
+at every batch size in --batch-sizes. The arms of one (seed, |B|) share its rank and partition
+outputs; `minTaskSize` is pinned to the largest batch size so the tasks pooled for mining do not
+change with |B| (the rank stage reads |B| too, see b3.artifacts, so each |B| has its own).
 Each finished training and evaluation is kept under --work, so an interrupted run continues.
 
     python bench/b3_vs_random.py bench/configs/debian-train.yaml --steps 500 --seeds 0 1
@@ -60,6 +62,15 @@ def variant(job: B3Job, work: Path, **changes: dict) -> B3Job:
         | {"work_dir": str(work)}
     )
     return job.model_copy(update={"spec": spec})
+
+
+def share_embeddings(source: Path, rank_dir: Path) -> None:
+    """Hard links to another rank folder's teacher embeddings: the rank stage reuses them when
+    their fingerprint matches (b3.artifacts replaces files by rename, never in place)."""
+    rank_dir.mkdir(parents=True, exist_ok=True)
+    for name in ("embeddings.arrow", "embeddings.json"):
+        if (source / name).exists() and not (rank_dir / name).exists() and source != rank_dir:
+            os.link(source / name, rank_dir / name)
 
 
 def link(target: Path, link_path: Path) -> None:
@@ -233,24 +244,28 @@ def main() -> None:
     )
     results["untrained"] = untrained
     for seed in args.seeds:
-        mining = variant(base, work / f"seed{seed}" / "mining", mining={"seed": seed})
-        link(
-            work / "rank", work / f"seed{seed}" / "mining" / "rank"
-        )  # rank does not depend on seed
-        rank = rank_stage(variant(base, work))
-        partition = partition_stage(mining)
-        print(
-            f"seed {seed}: rank {rank.get('seconds', 0):.0f}s, partition {partition.get('seconds', 0):.0f}s"
-        )
+        # the mining groups may depend on |B| (b3.artifacts: rank reads mining.batchSize), so
+        # rank and partition once per |B|; the teacher embeddings are shared (same inputs)
+        sizes = sorted({a["batch_size"] for a in arms})
+        for size in sizes:
+            ranked = work / f"rank-{size}"
+            share_embeddings(work / f"rank-{sizes[0]}" / "rank", ranked / "rank")
+            mining = variant(base, work / f"seed{seed}" / f"mining-{size}", mining={"seed": seed, "batch_size": size})
+            link(ranked / "rank", work / f"seed{seed}" / f"mining-{size}" / "rank")  # not seeded
+            rank = rank_stage(variant(base, ranked, mining={"batch_size": size}))
+            partition = partition_stage(mining)
+            print(f"seed {seed}, |B|={size}: rank {rank.get('seconds', 0):.0f}s, "
+                  f"partition {partition.get('seconds', 0):.0f}s")  # fmt: skip
         for a in arms:
             name = (
                 f"{a['arm'].replace(' ', '').replace('=', '').replace(':', '-')}-{a['batch_size']}"
             )
             arm_work = work / f"seed{seed}" / name
+            mined = work / f"seed{seed}" / f"mining-{a['batch_size']}"
             for stage in ("rank", "partition"):
-                link(work / f"seed{seed}" / "mining" / stage, arm_work / stage)
+                link(mined / stage, arm_work / stage)
             sampler, mix = SAMPLERS[a["sampler"]]
-            job = variant(mining, arm_work, training={"sampler": sampler, "false_negatives": a["false_negatives"]},
+            job = variant(base, arm_work, training={"sampler": sampler, "false_negatives": a["false_negatives"]},
                           mining={"seed": seed, "batch_size": a["batch_size"], "mix_tasks": mix,
                                   "hard_negatives": a["hard_negatives"]})  # fmt: skip
             t0 = time.time()
