@@ -88,7 +88,16 @@ def status_schema() -> dict[str, Any]:
         "properties": {
             "phase": {"type": "string", "enum": PHASES},
             "stage": {"type": "string"},
-            "progress": {"type": "string", "description": "finished stages / all stages"},
+            "progress": {"type": "string", "description": "finished stages / all stages (and training's percent)"},
+            "training": {
+                "type": "object",
+                "description": "training progress from rank 0's metrics, refreshed at most every 30 s",
+                "properties": {
+                    "step": {"type": "integer"}, "totalSteps": {"type": "integer"},
+                    "percent": {"type": "number"}, "remainingSeconds": {"type": "integer"},
+                    "loss": {"type": "number"}, "updateTime": time,
+                },
+            },
             "message": {"type": "string"},
             "observedGeneration": {"type": "integer", "format": "int64"},
             "specHash": {"type": "string"},
@@ -158,6 +167,7 @@ def crd_manifest() -> dict[str, Any]:
                         {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
                         {"name": "Stage", "type": "string", "jsonPath": ".status.stage"},
                         {"name": "Progress", "type": "string", "jsonPath": ".status.progress"},
+                        {"name": "Message", "type": "string", "jsonPath": ".status.message", "priority": 1},
                         {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
                     ],
                     "schema": {

@@ -31,6 +31,7 @@ from b3_operator.planner import (
     create_refused,
     job_state,
     plan,
+    progress_due,
     rayjob_state,
 )  # fmt: skip
 
@@ -94,6 +95,24 @@ class ForeignChild(Exception):
     """A child's name is taken by an object this B3Job does not own."""
 
 
+def read_training_progress(url: str, job: str, timeout: float = 2.0) -> dict[str, float] | None:
+    """Rank 0's step, total steps and loss from its Prometheus endpoint (the pods need no API
+    rights for the B3Job to show progress); None when it does not answer yet."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    names = {"b3_train_step": "step", "b3_train_total_steps": "totalSteps", "b3_train_loss": "loss"}
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as answer:
+            text = answer.read().decode()
+    except OSError:
+        return None
+    found = {names[s.name]: s.value for family in text_string_to_metric_families(text)
+             for s in family.samples if s.name in names and s.labels.get("b3job") == job}  # fmt: skip
+    return found if len(found) == len(names) else None
+
+
 def observe(body: dict[str, Any]) -> Observed:
     """Read the job's children from the API server."""
     meta = body["metadata"]
@@ -134,6 +153,12 @@ def observe(body: dict[str, Any]) -> Observed:
                            key=lambda e: e.last_timestamp or e.event_time or e.metadata.creation_timestamp)  # fmt: skip
             failed_create = found[-1].message if found else ""
         observed.stages[stage] = job_state(job, pods, now(), failed_create)
+        if stage == "train" and not finished and progress_due(body.get("status") or {}, now()):
+            leader = [p for p in pods if (p["metadata"].get("annotations") or {}).get(
+                "batch.kubernetes.io/job-completion-index") == "0" and (p.get("status") or {}).get("podIP")]  # fmt: skip
+            if leader:
+                url = f"http://{leader[0]['status']['podIP']}:{children.METRICS_PORT}/metrics"
+                observed.training = read_training_progress(url, name)
     try:
         rayjob = kubernetes.client.CustomObjectsApi().get_namespaced_custom_object(
             RAY_GROUP, RAY_VERSION, ns, RAY_PLURAL, children.child_name(name, "rank")

@@ -49,6 +49,7 @@ class Observed:
     configmap: bool = False
     stages: dict[str, ChildState] = field(default_factory=dict)
     foreign: list[str] = field(default_factory=list)  # objects with a child's name, not ours
+    training: dict[str, float] | None = None  # rank 0's step, totalSteps, loss (its metrics)
 
 
 @dataclass(frozen=True)
@@ -192,6 +193,29 @@ def _legacy_spec_hash(spec: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(fixed, sort_keys=True).encode()).hexdigest()[:16]
 
 
+PROGRESS_REFRESH_SECONDS = 30
+
+
+def progress_due(status: dict[str, Any], now: str) -> bool:
+    """Whether to read training progress again (at most every PROGRESS_REFRESH_SECONDS)."""
+    last = (status.get("training") or {}).get("updateTime")
+    return last is None or seconds_between(last, now) >= PROGRESS_REFRESH_SECONDS
+
+
+def training_progress(old: dict[str, Any] | None, sample: dict[str, float], now: str) -> dict[str, Any]:
+    """status.training from a metrics sample of rank 0: step, total, percent, and the seconds
+    left at the step rate since the previous sample (absent until there are two)."""
+    step, total = int(sample["step"]), int(sample["totalSteps"])
+    out = {"step": step, "totalSteps": total, "percent": round(100 * step / total, 1) if total else 0.0,
+           "loss": round(float(sample["loss"]), 5), "updateTime": now}  # fmt: skip
+    if old and old.get("updateTime") and step > old.get("step", step):
+        rate = (step - old["step"]) / max(1e-9, seconds_between(old["updateTime"], now))
+        out["remainingSeconds"] = int((total - step) / rate)
+    elif old and "remainingSeconds" in old:
+        out["remainingSeconds"] = old["remainingSeconds"]
+    return out
+
+
 def create_refused(body: dict[str, Any], status: dict[str, Any], kind: str, name: str,
                    code: int, message: str, now: str) -> Plan:
     """The API server refused to create a child (4xx other than 409: invalid, forbidden, over
@@ -276,6 +300,8 @@ def plan(body: dict[str, Any], observed: Observed, now: str) -> Plan:
             1 for s in STAGES if (status.get("stages") or {}).get(s, {}).get("completionTime")
         )
         status["progress"] = f"{done}/{len(STAGES)}"
+        if phase == "Training" and status.get("training"):
+            status["progress"] += f" (train {status['training']['percent']}%)"
         if old.get("phase") != phase and phase not in ("Failed",):
             events.append(("Normal", phase, message or f"B3Job is {phase}"))
         return Plan(actions, status, events)
@@ -385,6 +411,8 @@ def plan(body: dict[str, Any], observed: Observed, now: str) -> Plan:
             actions.append(Action("resume", child.kind, child.name))
             events.append(("Normal", "Resuming", f"{stage}: resuming {child.kind} {child.name}"))
         _stalled(status, child.problem, events, now)
+        if stage == "train" and observed.training is not None:
+            status["training"] = training_progress(status.get("training"), observed.training, now)
         deadline = getattr(spec.stages, stage).startup_deadline_seconds
         waited = seconds_between(record.get("startTime") or now, now)
         if deadline is not None and not child.started and not spec.suspend and waited > deadline:

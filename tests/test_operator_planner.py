@@ -404,3 +404,41 @@ def test_a_job_that_cannot_create_pods_is_stalled_and_a_startup_deadline_fails_i
     assert failed["reason"] == "StartupDeadlineExceeded" and "service account ns/nobody" in failed["message"]
     running = Observed(configmap=True, stages={"rank": job_state({**job, "status": {"ready": 1, "active": 1}}, [], NOW)})
     assert run(body(status, **spec), running, "2026-11-23T10:11:00Z")[0].status["phase"] == "Ranking"
+
+
+def test_training_progress_on_the_resource():
+    """status.training from rank 0's metrics: percent at once, the seconds left from the step
+    rate between two samples; `progress` carries the percent while training."""
+    from b3_operator.planner import progress_due, training_progress
+
+    first = training_progress(None, {"step": 100, "totalSteps": 1000, "loss": 0.51234567}, NOW)
+    assert first == {"step": 100, "totalSteps": 1000, "percent": 10.0, "loss": 0.51235, "updateTime": NOW}
+    later = training_progress(first, {"step": 400, "totalSteps": 1000, "loss": 0.4}, "2026-11-23T10:01:00Z")
+    assert later["remainingSeconds"] == 120 and later["percent"] == 40.0  # 300 steps a minute
+    assert not progress_due({"training": later}, "2026-11-23T10:01:20Z")
+    assert progress_due({"training": later}, "2026-11-23T10:01:30Z") and progress_due({}, NOW)
+
+    status = {"specHash": plan(body(), Observed(), NOW).status["specHash"]}
+    obs = observed(rank="Succeeded", partition="Succeeded", train="Running")
+    obs.training = {"step": 250, "totalSteps": 1000, "loss": 0.3}
+    result, _, _ = run(body(status), obs)
+    assert result.status["training"]["percent"] == 25.0
+    assert result.status["progress"] == "2/3 (train 25.0%)"
+
+
+def test_the_operator_reads_progress_from_a_real_training_metrics_endpoint():
+    import socket
+
+    from b3.metrics import TrainMetrics
+    from b3_operator.handlers import read_training_progress
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    metrics = TrainMetrics("job-1", 1000)
+    metrics.serve(port, addr="127.0.0.1")
+    metrics.observe_step(42, 0.5, 0.9, 1e-4, 1.0, 64, 0.1)
+    url = f"http://127.0.0.1:{port}/metrics"
+    assert read_training_progress(url, "job-1") == {"step": 42.0, "totalSteps": 1000.0, "loss": 0.5}
+    assert read_training_progress(url, "another-job") is None
+    assert read_training_progress("http://127.0.0.1:9/metrics", "job-1", timeout=0.5) is None
