@@ -360,6 +360,15 @@ def plan(body: dict[str, Any], observed: Observed, now: str) -> Plan:
                               children.spec_configmap(body, spec)))  # fmt: skip
         set_condition(status, "Created", True, "ChildrenCreated", "spec ConfigMap created", now)
 
+    def fail(reason: str, event: str, message: str) -> Plan:
+        """A stage failed: the job is over, and its finished Jobs get their TTL."""
+        set_condition(status, "Failed", True, reason, message, now)
+        set_condition(status, "Running", False, "Failed", message, now)
+        status["completionTime"] = now
+        events.append(("Warning", event, message))
+        actions.extend(expire_children(observed, spec.run_policy.ttl_seconds_after_finished, now))
+        return finish("Failed", message)
+
     stages = status.setdefault("stages", {})
     for stage in STAGES:
         record = stages.setdefault(stage, {})
@@ -396,12 +405,7 @@ def plan(body: dict[str, Any], observed: Observed, now: str) -> Plan:
             message = f"{stage} failed ({child.reason})" + (
                 f": {child.message}" if child.message else ""
             )
-            set_condition(status, "Failed", True, f"{STAGE_PHASE[stage]}Failed", message, now)
-            set_condition(status, "Running", False, "Failed", message, now)
-            status["completionTime"] = now
-            events.append(("Warning", "StageFailed", message))
-            actions.extend(expire_children(observed, spec.run_policy.ttl_seconds_after_finished, now))
-            return finish("Failed", message)
+            return fail(f"{STAGE_PHASE[stage]}Failed", "StageFailed", message)
         if spec.suspend and child.state != "Suspended":
             actions.append(Action("suspend", child.kind, child.name))
             events.append(
@@ -418,12 +422,7 @@ def plan(body: dict[str, Any], observed: Observed, now: str) -> Plan:
         if deadline is not None and not child.started and not spec.suspend and waited > deadline:
             why = f": {child.problem[1]}" if child.problem else ""
             message = f"{stage}: pods not started {int(waited)}s after the stage began (startupDeadlineSeconds {deadline}){why}"
-            set_condition(status, "Failed", True, "StartupDeadlineExceeded", message, now)
-            set_condition(status, "Running", False, "Failed", message, now)
-            status["completionTime"] = now
-            events.append(("Warning", "StartupDeadlineExceeded", message))
-            actions.extend(expire_children(observed, spec.run_policy.ttl_seconds_after_finished, now))
-            return finish("Failed", message)
+            return fail("StartupDeadlineExceeded", "StartupDeadlineExceeded", message)
         return _running(status, stage, spec.suspend, now, finish)
 
     status["stage"] = ""
