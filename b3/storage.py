@@ -30,6 +30,15 @@ def fingerprint(*parts: Any) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
+def fsync_dir(folder: str) -> None:
+    """Make a rename inside `folder` durable (the folder's entry list reaches the disk)."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def resolve_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     """(filesystem, path inside it) for a local path or a URI that pyarrow understands."""
     if "://" not in uri:
@@ -76,11 +85,7 @@ class WorkDir:
                 out.flush()
                 os.fsync(out.fileno())
             os.replace(tmp, final)
-            dir_fd = os.open(os.path.dirname(final), os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
+            fsync_dir(os.path.dirname(final))
         finally:
             if os.path.exists(tmp):
                 os.remove(tmp)

@@ -46,6 +46,7 @@ from b3.metrics import TrainMetrics
 from b3.model import EmbeddingModel, build_student, export_sentence_transformer
 from b3.spec import B3Job, spec_to_dict
 from b3.stages import read_embeddings, read_topk
+from b3.storage import fsync_dir
 
 log = logging.getLogger("b3.train")
 
@@ -409,7 +410,7 @@ class Trainer:
                 if os.path.exists(final):
                     shutil.rmtree(final)
                 os.replace(tmp, final)
-                _fsync_dir(root)  # the rename itself survives a power cut
+                fsync_dir(root)  # the rename itself survives a power cut
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
             for old in self.checkpoint_dirs()[: -self.spec.training.keep_checkpoints]:
@@ -525,7 +526,7 @@ class Trainer:
             _fsync_tree(tmp)
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
-            _fsync_dir(os.path.dirname(final))
+            fsync_dir(os.path.dirname(final))
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         summary = {"steps": self.step, "epochs": self.epoch, "model": os.path.join(final, "model")}
@@ -554,14 +555,6 @@ def _set_rng_state(state: dict) -> None:
     kind, keys, pos, has_gauss, gauss = state["numpy"]
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     random.setstate(state["python"])
-
-
-def _fsync_dir(folder: str) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _fsync_tree(folder: str) -> None:
