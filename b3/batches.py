@@ -287,6 +287,8 @@ class HardNegativeSampler:
             if take
             else np.empty(0, np.int64)
         )
+        if take == want:  # the usual case: enough ranked candidates
+            return chosen.astype(np.int64)
         everyone = np.arange(len(self.groups))
         allowed = everyone[~np.isin(everyone, banned)
                            & ~np.isin(self.positive_group, forbidden_groups)]  # fmt: skip
