@@ -159,7 +159,7 @@ class Artifacts:
         if record is None or record.get("fingerprint") != self.fingerprint(stage):
             return None
         root = self.root(stage)
-        if not all(root.exists(stage, *name.split("/")) for name in record.get("outputs", [])):
+        if not all(root.exists(stage, name) for name in record.get("outputs", [])):
             return None
         return record
 
