@@ -51,7 +51,7 @@ _PARTITION = ["mining.clusterSize", "mining.seed", "mining.edges"]
 # The trainer reads all of `training` except how the same computation is laid out over
 # processes and memory, or how often it is saved: those may change and keep resuming.
 TRAINING_LAYOUT = {"nodes", "processesPerNode", "miniBatchSize", "gradientCheckpointing",
-                   "checkpointEvery", "keepCheckpoints", "outputDir"}  # fmt: skip
+                   "checkpointEvery", "keepCheckpoints", "outputDir", "maxRestarts"}  # fmt: skip
 _TRAIN_MINING = ["mining.batchSize", "mining.seed", "mining.mixTasks", "mining.hardNegatives"]
 
 STAGES = ("rank", "partition", "train")

@@ -268,6 +268,12 @@ class TrainingSpec(_Model):
     lora: LoraSpec = Field(default_factory=LoraSpec)
     nodes: int = Field(1, ge=1, le=4096, description="Training nodes (pods).")
     processes_per_node: int = Field(1, ge=1, le=64, description="Processes (GPUs) per node.")
+    max_restarts: int = Field(
+        3, ge=0, le=100,
+        description="Times a training pod's failure (other than bad input, exit 2) restarts every "
+        "training pod from the newest checkpoint before the job fails; a disruption (preemption, "
+        "eviction) restarts without counting.",
+    )  # fmt: skip
     checkpoint_every: int = Field(500, ge=1, description="Steps between checkpoints.")
     keep_checkpoints: int = Field(3, ge=1, description="Checkpoints kept on disk.")
     output_dir: str | None = Field(
@@ -341,7 +347,11 @@ class StagePolicySpec(_Model):
         description="Container resources (default: rank 1 GPU, partition 2 CPU/8Gi, train "
         "processesPerNode GPUs per node).",
     )
-    backoff_limit: int = Field(2, ge=0, le=100, description="Pod retries before the stage fails.")
+    backoff_limit: int | None = Field(
+        None, ge=0, le=100,
+        description="Pod retries before the rank or partition stage fails (default 2). Not for "
+        "train, which restarts all its pods together: see training.maxRestarts.",
+    )  # fmt: skip
     active_deadline_seconds: int | None = Field(
         None, ge=1, description="Wall-clock limit of the stage's Job."
     )
@@ -356,6 +366,15 @@ class StagesSpec(_Model):
     rank: StagePolicySpec = Field(default_factory=StagePolicySpec)
     partition: StagePolicySpec = Field(default_factory=StagePolicySpec)
     train: StagePolicySpec = Field(default_factory=StagePolicySpec)
+
+    @model_validator(mode="after")
+    def _train_restarts_the_gang(self) -> StagesSpec:
+        # one failed training pod restarts all of them (training.maxRestarts): a per-pod retry
+        # budget would replace one node while the others wait on it
+        if self.train.backoff_limit is not None:
+            raise ValueError("train.backoffLimit does not apply: the train stage restarts all its "
+                             "pods together; set training.maxRestarts instead")  # fmt: skip
+        return self
 
 
 class RunPolicySpec(_Model):
@@ -432,6 +451,18 @@ class B3JobSpec(_Model):
 # the job's name starts with a letter and leaves room for the longest suffix, "-partition".
 NAME_PATTERN = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
 MAX_NAME_LENGTH = 63 - len("-partition")
+# A restarted training gang is a new Job, <name>-r<attempt> (hostnames <name>-r<attempt>-<index>):
+# at most MAX_TRAIN_ATTEMPTS of them keep those within 63 characters too.
+MAX_TRAIN_ATTEMPTS = 999
+
+
+def hostname_problem(name: str, nodes: int) -> str | None:
+    """Why the training pods' hostnames (<name>-train-<index>) would not be DNS labels."""
+    longest = f"{name}-train-{nodes - 1}"
+    if len(longest) > 63:
+        return (f"metadata.name: {name!r} with training.nodes {nodes} makes the training pod "
+                f"hostname {longest!r} longer than 63 characters; shorten the name")  # fmt: skip
+    return None
 
 
 class ObjectMeta(BaseModel):
@@ -513,6 +544,9 @@ def parse_manifest(doc: Any, base_dir: str | Path = ".") -> B3Job:
         metadata = ObjectMeta.model_validate(doc.get("metadata") or {})
     except ValidationError as err:
         errors.extend(_format_errors(err, "metadata"))
+    else:
+        if spec is not None and hostname_problem(metadata.name, spec.training.nodes):
+            errors.append(hostname_problem(metadata.name, spec.training.nodes))
     if errors:
         raise SpecError(errors)
     base = Path(base_dir).resolve()

@@ -18,6 +18,9 @@ from b3.spec import API_GROUP, API_VERSION, KIND, B3JobSpec, spec_to_dict
 MANAGED_BY = "b3-operator"
 JOB_LABEL = f"{API_GROUP}/job"
 STAGE_LABEL = f"{API_GROUP}/stage"
+ATTEMPT_LABEL = f"{API_GROUP}/attempt"  # which training gang: 0, then one more per restart
+RESTARTS_ANNOTATION = f"{API_GROUP}/restarts"  # counted restarts before this gang was made
+SUSPENDED_ANNOTATION = f"{API_GROUP}/suspended"  # "true": the operator suspended this child
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 MANIFEST_DIR = "/etc/b3"
 MANIFEST_PATH = f"{MANIFEST_DIR}/job.yaml"
@@ -25,6 +28,7 @@ CONTAINER = "stage"
 METRICS_PORT = 9400
 RDZV_PORT = 29400
 EXIT_BAD_INPUT = 2  # the stage programs' exit code for a bad manifest or dataset
+DEFAULT_BACKOFF_LIMIT = 2  # pod retries of the rank and partition stages
 
 DEFAULT_POD_SECURITY = {
     "runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 1000, "fsGroup": 1000,
@@ -39,6 +43,12 @@ DEFAULT_RESOURCES = {
 
 def child_name(job: str, stage: str) -> str:
     return f"{job}-{stage}"
+
+
+def train_job_name(job: str, attempt: int) -> str:
+    """The training gang's Job: <job>-train, and <job>-r<attempt> once restarted (short, so
+    that its pods' hostnames <name>-<index> stay DNS labels; see b3.spec.MAX_TRAIN_ATTEMPTS)."""
+    return child_name(job, "train") if attempt == 0 else f"{job}-r{attempt}"
 
 
 def labels(job: str, stage: str | None = None) -> dict[str, str]:
@@ -156,11 +166,16 @@ def _merged(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
 
 
 def _with_run_policy(child: dict[str, Any], spec: B3JobSpec, stage: str) -> dict[str, Any]:
-    """Kueue queue label, stage deadline and (RayJob) TTL: a Job and a RayJob name these fields
-    alike. A stage Job gets its TTL only when the whole B3Job is over (planner.expire_children):
+    """Suspension, Kueue queue label, stage deadline and (RayJob) TTL: a Job and a RayJob name
+    these fields alike. A child made suspended for the B3Job is marked as the operator's (only
+    those does it resume); one with a queue starts suspended and unmarked, for Kueue to admit.
+    A stage Job gets its TTL only when the whole B3Job is over (planner.expire_children):
     deleted mid-job, a finished stage would look never run."""
+    if child["spec"]["suspend"]:
+        child["metadata"]["annotations"] = {**child["metadata"].get("annotations", {}), SUSPENDED_ANNOTATION: "true"}
     if spec.run_policy.queue_name:
         child["metadata"]["labels"][KUEUE_QUEUE_LABEL] = spec.run_policy.queue_name
+        child["spec"]["suspend"] = True
     deadline = getattr(spec.stages, stage).active_deadline_seconds
     if deadline is not None:
         child["spec"]["activeDeadlineSeconds"] = deadline
@@ -169,41 +184,56 @@ def _with_run_policy(child: dict[str, Any], spec: B3JobSpec, stage: str) -> dict
     return child
 
 
-def _pod_failure_policy() -> dict[str, Any]:
-    """Bad input (exit 2) fails the stage at once; evictions and preemptions are not failures."""
+def _backoff_limit(policy) -> int:
+    return DEFAULT_BACKOFF_LIMIT if policy.backoff_limit is None else policy.backoff_limit
+
+
+def _pod_failure_policy(stage: str) -> dict[str, Any]:
+    """Bad input (exit 2) fails the stage at once. A disrupted (evicted, preempted) rank or
+    partition pod is replaced without spending backoffLimit; a disrupted training pod fails its
+    Job like any other training failure, so that the whole gang restarts (the operator does not
+    count it as a restart)."""
+    disrupted = "FailJob" if stage == "train" else "Ignore"
     return {
         "rules": [
             {"action": "FailJob",
              "onExitCodes": {"containerName": CONTAINER, "operator": "In", "values": [EXIT_BAD_INPUT]}},
-            {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+            {"action": disrupted, "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
         ]
     }  # fmt: skip
 
 
 def stage_job(
-    body: dict[str, Any], spec: B3JobSpec, stage: str, suspend: bool = False
+    body: dict[str, Any], spec: B3JobSpec, stage: str, suspend: bool = False,
+    attempt: int = 0, restarts: int = 0,
 ) -> dict[str, Any]:
-    """The batch/v1 Job of one stage (rank and partition: one pod; train: one pod per node)."""
+    """The batch/v1 Job of one stage (rank and partition: one pod; train: one pod per node,
+    `attempt` numbering the gangs, `restarts` the counted restarts before this one)."""
     job = body["metadata"]["name"]
-    name = child_name(job, stage)
+    name = train_job_name(job, attempt) if stage == "train" else child_name(job, stage)
     policy = getattr(spec.stages, stage)
     if stage == "train":
         t = spec.training
-        command = ["torchrun", "--nnodes", str(t.nodes), "--nproc-per-node", str(t.processes_per_node),
+        # b3_jobs.launch is torchrun that keeps a worker's exit code 2 (torchrun makes it 1)
+        command = ["python", "-m", "b3_jobs.launch", "--nnodes", str(t.nodes), "--nproc-per-node", str(t.processes_per_node),
                    "--node-rank", "$(JOB_COMPLETION_INDEX)",  # expanded by the kubelet, not a shell
-                   "--rdzv-endpoint", f"{name}-0.{name}:{RDZV_PORT}",
+                   "--rdzv-endpoint", f"{name}-0.{child_name(job, 'train')}:{RDZV_PORT}",
                    "-m", "b3_jobs.train", MANIFEST_PATH]  # fmt: skip
     else:
         command = ["python", "-m", f"b3_jobs.{stage}", MANIFEST_PATH]
     pod = pod_spec(body, spec, stage, command)
     job_spec: dict[str, Any] = {
-        "backoffLimit": policy.backoff_limit,
-        "podFailurePolicy": _pod_failure_policy(),
+        # train: the first failed pod fails the Job, whose controller then stops the others
+        "backoffLimit": 0 if stage == "train" else _backoff_limit(policy),
+        "podFailurePolicy": _pod_failure_policy(stage),
         "suspend": suspend,
         "template": {"metadata": {"labels": labels(job, stage)}, "spec": pod},
     }
+    meta = _meta(body, name, stage)
     if stage == "train":
-        pod["subdomain"] = name  # pods resolve as <name>-<index>.<name>
+        pod["subdomain"] = child_name(job, "train")  # pods resolve as <name>-<index>.<job>-train
+        meta["labels"][ATTEMPT_LABEL] = str(attempt)
+        meta["annotations"] = {RESTARTS_ANNOTATION: str(restarts)}
         pod["containers"][0]["ports"].append({"name": "rdzv", "containerPort": RDZV_PORT})
         job_spec.update(
             completionMode="Indexed",
@@ -211,7 +241,7 @@ def stage_job(
             parallelism=spec.training.nodes,
         )
     return _with_run_policy(
-        {"apiVersion": "batch/v1", "kind": "Job", "metadata": _meta(body, name, stage), "spec": job_spec},
+        {"apiVersion": "batch/v1", "kind": "Job", "metadata": meta, "spec": job_spec},
         spec, stage,
     )  # fmt: skip
 
@@ -258,7 +288,7 @@ def rank_rayjob(body: dict[str, Any], spec: B3JobSpec, suspend: bool = False) ->
             "entrypoint": f"python -m b3_jobs.rank {MANIFEST_PATH}",
             "shutdownAfterJobFinishes": True,
             "suspend": suspend,
-            "backoffLimit": spec.stages.rank.backoff_limit,
+            "backoffLimit": _backoff_limit(spec.stages.rank),
             "rayClusterSpec": {
                 "headGroupSpec": {"rayStartParams": {}, "template": head},
                 "workerGroupSpecs": [{

@@ -31,7 +31,8 @@ from b3.spec import (
 
 PLURAL = "b3jobs"
 SHORT_NAME = "b3j"
-PHASES = ["Pending", "Ranking", "Partitioning", "Training", "Succeeded", "Failed", "Suspended"]
+# Queued: a stage's child waits for Kueue (or another controller) to admit it
+PHASES = ["Pending", "Queued", "Ranking", "Partitioning", "Training", "Succeeded", "Failed", "Suspended"]
 
 # (object path in the spec, CEL rule on that object, message); `self` is the object at the path
 CEL_RULES: list[tuple[str, str, str]] = [
@@ -99,6 +100,7 @@ def status_schema() -> dict[str, Any]:
                 },
             },
             "message": {"type": "string"},
+            "restarts": {"type": "integer", "description": "training gang restarts counted against training.maxRestarts"},
             "observedGeneration": {"type": "integer", "format": "int64"},
             "specHash": {"type": "string"},
             "startTime": time,
@@ -167,6 +169,7 @@ def crd_manifest() -> dict[str, Any]:
                         {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
                         {"name": "Stage", "type": "string", "jsonPath": ".status.stage"},
                         {"name": "Progress", "type": "string", "jsonPath": ".status.progress"},
+                        {"name": "Restarts", "type": "integer", "jsonPath": ".status.restarts", "priority": 1},
                         {"name": "Message", "type": "string", "jsonPath": ".status.message", "priority": 1},
                         {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
                     ],

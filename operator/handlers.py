@@ -28,6 +28,7 @@ from b3_operator.planner import (
     STAGES,
     Action,
     Observed,
+    child_marks,
     create_refused,
     job_state,
     plan,
@@ -36,6 +37,7 @@ from b3_operator.planner import (
 )  # fmt: skip
 
 RAY_GROUP, RAY_VERSION, RAY_PLURAL = "ray.io", "v1", "rayjobs"
+KUEUE_GROUP, KUEUE_VERSION, KUEUE_PLURAL = "kueue.x-k8s.io", "v1beta2", "workloads"
 OBSERVED_ANNOTATION = f"{API_GROUP}/children"  # written by the child watch to re-trigger the job
 
 log = logging.getLogger("b3_operator")
@@ -113,6 +115,24 @@ def read_training_progress(url: str, job: str, timeout: float = 2.0) -> dict[str
     return found if len(found) == len(names) else None
 
 
+def kueue_workload(child: dict[str, Any]) -> dict[str, Any] | None:
+    """The Kueue Workload of a child that has a queue (Kueue labels it with the child's uid);
+    None without a queue, before Kueue made it, or without Kueue."""
+    meta = child["metadata"]
+    if children.KUEUE_QUEUE_LABEL not in (meta.get("labels") or {}):
+        return None
+    try:
+        found = kubernetes.client.CustomObjectsApi().list_namespaced_custom_object(
+            KUEUE_GROUP, KUEUE_VERSION, meta["namespace"], KUEUE_PLURAL,
+            label_selector=f"kueue.x-k8s.io/job-uid={meta['uid']}")  # fmt: skip
+    except ApiException as err:
+        if err.status in (403, 404):  # Kueue not installed
+            return None
+        raise
+    ours = [w for w in found["items"] if _owned(w, meta["uid"])]
+    return ours[0] if ours else None
+
+
 def observe(body: dict[str, Any]) -> Observed:
     """Read the job's children from the API server."""
     meta = body["metadata"]
@@ -129,6 +149,7 @@ def observe(body: dict[str, Any]) -> Observed:
         if err.status != 404:
             raise
     jobs = batch.list_namespaced_job(ns, label_selector=f"{children.JOB_LABEL}={name}")
+    by_stage: dict[str, list[dict[str, Any]]] = {}
     for job in (_as_dict(j) for j in jobs.items):
         stage = (job["metadata"].get("labels") or {}).get(children.STAGE_LABEL)
         if stage not in STAGES:
@@ -136,6 +157,11 @@ def observe(body: dict[str, Any]) -> Observed:
         if not _owned(job, uid):  # e.g. left by a deleted B3Job of the same name
             observed.foreign.append(_foreign("Job", job))
             continue
+        by_stage.setdefault(stage, []).append(job)
+    for stage, jobs_of_stage in by_stage.items():
+        # train: the newest gang; of the earlier ones only the TTL is left to set
+        *earlier, job = sorted(jobs_of_stage, key=lambda j: child_marks(j)["attempt"])
+        observed.previous += [job_state(j) for j in earlier]
         pods: list[dict[str, Any]] = []
         finished = any(c.get("type") == "Complete" and c.get("status") == "True"
                        for c in job.get("status", {}).get("conditions") or [])  # fmt: skip
@@ -152,7 +178,7 @@ def observe(body: dict[str, Any]) -> Observed:
             found = sorted(core.list_namespaced_event(ns, field_selector=selector).items,
                            key=lambda e: e.last_timestamp or e.event_time or e.metadata.creation_timestamp)  # fmt: skip
             failed_create = found[-1].message if found else ""
-        observed.stages[stage] = job_state(job, pods, now(), failed_create)
+        observed.stages[stage] = job_state(job, pods, now(), failed_create, kueue_workload(job))
         if stage == "train" and not finished and progress_due(body.get("status") or {}, now()):
             leader = [p for p in pods if (p["metadata"].get("annotations") or {}).get(
                 "batch.kubernetes.io/job-completion-index") == "0" and (p.get("status") or {}).get("podIP")]  # fmt: skip
@@ -164,7 +190,7 @@ def observe(body: dict[str, Any]) -> Observed:
             RAY_GROUP, RAY_VERSION, ns, RAY_PLURAL, children.child_name(name, "rank")
         )
         if _owned(rayjob, uid):
-            observed.stages["rank"] = rayjob_state(rayjob)
+            observed.stages["rank"] = rayjob_state(rayjob, kueue_workload(rayjob))
         else:
             observed.foreign.append(_foreign("RayJob", rayjob))
     except ApiException as err:
@@ -205,7 +231,13 @@ def apply(action: Action, namespace: str) -> None:
             if err.status != 404:  # already gone
                 raise
         return
-    patch = {"spec": {"suspend": action.verb == "suspend"}}
+    if action.verb in ("activate", "deactivate"):  # Kueue suspends and resumes the child
+        custom.patch_namespaced_custom_object(KUEUE_GROUP, KUEUE_VERSION, namespace, KUEUE_PLURAL,
+                                              action.name, {"spec": {"active": action.verb == "activate"}})  # fmt: skip
+        return
+    suspend = action.verb == "suspend"  # marked, so that only what we suspended is resumed
+    patch = {"metadata": {"annotations": {children.SUSPENDED_ANNOTATION: "true" if suspend else None}},
+             "spec": {"suspend": suspend}}  # fmt: skip
     if action.kind == "Job":
         batch.patch_namespaced_job(action.name, namespace, patch)
     else:

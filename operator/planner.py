@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from b3.spec import SpecError, parse_spec
+from b3.spec import MAX_TRAIN_ATTEMPTS, SpecError, hostname_problem, parse_spec
 from b3_operator import children
 
 STAGES = ["rank", "partition", "train"]
@@ -42,19 +42,33 @@ class ChildState:
     completion_time: str | None = None
     problem: tuple[str, str] | None = None  # (reason, message) of a stuck pod: see pod_problem
     started: bool = True  # every pod has started (run, or finished); False while any waits
+    # training gangs: which one (children.ATTEMPT_LABEL), restarts counted before it, and how
+    # its pods ended: container exit codes, and whether any was disrupted (evicted, preempted)
+    attempt: int = 0
+    restarts: int = 0
+    exit_codes: tuple[int, ...] = ()
+    disrupted: bool = False
+    # suspension: ours (children.SUSPENDED_ANNOTATION), or Kueue's when the child has a queue
+    suspended_by_us: bool = False
+    queue: str = ""
+    workload: str = ""  # its Kueue Workload, once Kueue made one
+    workload_active: bool = True  # Workload spec.active: false while we hold it suspended
+    admission: tuple[str, str] | None = None  # Kueue's (reason, message) while not admitted
 
 
 @dataclass
 class Observed:
     configmap: bool = False
     stages: dict[str, ChildState] = field(default_factory=dict)
+    previous: list[ChildState] = field(default_factory=list)  # earlier training gangs
     foreign: list[str] = field(default_factory=list)  # objects with a child's name, not ours
     training: dict[str, float] | None = None  # rank 0's step, totalSteps, loss (its metrics)
 
 
 @dataclass(frozen=True)
 class Action:
-    """create: make `manifest`; suspend / resume: set spec.suspend of the child `kind/name`;
+    """create: make `manifest`; suspend / resume: set spec.suspend of the child `kind/name`
+    (and mark it ours); deactivate / activate: set spec.active of the Kueue Workload `name`;
     expire: set a finished Job's ttlSecondsAfterFinished to `manifest["ttl"]`."""
 
     verb: str
@@ -80,16 +94,51 @@ def _condition(obj: dict[str, Any], kind: str) -> dict[str, Any] | None:
     return None
 
 
+def _terminated(pods: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every container's terminated state with a non-zero exit code."""
+    return [term for pod in pods for cs in (pod.get("status") or {}).get("containerStatuses") or []
+            if (term := (cs.get("state") or {}).get("terminated") or {}).get("exitCode", 0) != 0]  # fmt: skip
+
+
 def termination_message(pods: list[dict[str, Any]]) -> str:
-    """The newest failed pod's termination message (the stage programs write their error there)."""
-    failed = []
-    for pod in pods:
-        for cs in (pod.get("status") or {}).get("containerStatuses") or []:
-            term = (cs.get("state") or {}).get("terminated") or {}
-            if term.get("exitCode", 0) != 0:
-                failed.append((term.get("finishedAt") or "", term.get("message") or ""))
-    failed.sort()
-    return failed[-1][1].strip() if failed else ""
+    """The failed pods' message (the stage programs write their error there): bad input's
+    (exit 2) first, as the cause the other pods of a gang failed after; else the newest's."""
+    failed = sorted((t.get("exitCode") == children.EXIT_BAD_INPUT, t.get("finishedAt") or "",
+                      t.get("message") or "") for t in _terminated(pods))  # fmt: skip
+    return failed[-1][2].strip() if failed else ""
+
+
+def _disrupted(pods: list[dict[str, Any]]) -> bool:
+    """Whether a pod was evicted or preempted (the DisruptionTarget condition)."""
+    return any(c.get("type") == "DisruptionTarget" and c.get("status") == "True"
+               for pod in pods for c in (pod.get("status") or {}).get("conditions") or [])  # fmt: skip
+
+
+def kueue_admission(workload: dict[str, Any] | None) -> dict[str, Any]:
+    """The ChildState fields of a queue-labelled child from its Kueue Workload (None: Kueue
+    has made none yet, or is not installed)."""
+    if workload is None:
+        return {"admission": ("NoWorkload", "no Kueue Workload for it yet (is Kueue installed?)")}
+    out: dict[str, Any] = {"workload": workload["metadata"]["name"],
+                           "workload_active": (workload.get("spec") or {}).get("active", True) is not False}  # fmt: skip
+    if _condition(workload, "Admitted") is None:
+        evicted = _condition(workload, "Evicted")
+        waiting = evicted or next((c for c in (workload.get("status") or {}).get("conditions") or []
+                                   if c.get("type") == "QuotaReserved"), None)  # fmt: skip
+        out["admission"] = ((waiting.get("reason") or "Pending", waiting.get("message") or "")
+                            if waiting else ("Pending", "waiting for Kueue to admit it"))  # fmt: skip
+    return out
+
+
+def child_marks(obj: dict[str, Any]) -> dict[str, Any]:
+    """The ChildState fields the operator keeps on its children: attempt, restarts, queue,
+    and whether it suspended the child itself."""
+    meta = obj["metadata"]
+    labels, annotations = meta.get("labels") or {}, meta.get("annotations") or {}
+    return {"attempt": int(labels.get(children.ATTEMPT_LABEL, 0)),
+            "restarts": int(annotations.get(children.RESTARTS_ANNOTATION, 0)),
+            "queue": labels.get(children.KUEUE_QUEUE_LABEL, ""),
+            "suspended_by_us": annotations.get(children.SUSPENDED_ANNOTATION) == "true"}  # fmt: skip
 
 
 STUCK_WAITING = {"ImagePullBackOff", "ErrImagePull", "InvalidImageName", "CreateContainerConfigError",
@@ -134,44 +183,70 @@ def pod_problem(pods: list[dict[str, Any]], now: str) -> tuple[str, str] | None:
 
 def job_state(
     job: dict[str, Any], pods: list[dict[str, Any]] = (), now: str | None = None,
-    failed_create: str = "",
+    failed_create: str = "", workload: dict[str, Any] | None = None,
 ) -> ChildState:
     """Summarise a batch/v1 Job (and its pods, for the failure message; `failed_create`, the
-    Job controller's newest FailedCreate Event, for a Job that cannot make its pods)."""
-    name = job["metadata"]["name"]
+    Job controller's newest FailedCreate Event, for a Job that cannot make its pods;
+    `workload`, its Kueue Workload when it has a queue)."""
+    name, pods = job["metadata"]["name"], list(pods)
+    marks = child_marks(job)
+    if marks["queue"]:
+        marks.update(kueue_admission(workload))
     if _condition(job, "Complete"):
         return ChildState(
-            "Job", name, "Succeeded", completion_time=job["status"].get("completionTime")
+            "Job", name, "Succeeded", completion_time=job["status"].get("completionTime"), **marks
         )
     failed = _condition(job, "Failed")
     if failed:
-        message = termination_message(list(pods)) or failed.get("message", "")
+        message = termination_message(pods) or failed.get("message", "")
         return ChildState("Job", name, "Failed", failed.get("reason", "Failed"), message,
-                          completion_time=failed.get("lastTransitionTime"))
+                          completion_time=failed.get("lastTransitionTime"),
+                          exit_codes=tuple(sorted({t["exitCode"] for t in _terminated(pods)})),
+                          disrupted=_disrupted(pods) or "DisruptionTarget" in failed.get("message", ""),
+                          **marks)  # fmt: skip
     if (job.get("spec") or {}).get("suspend"):
-        return ChildState("Job", name, "Suspended")
+        return ChildState("Job", name, "Suspended", **marks)
     status, spec = job.get("status") or {}, job.get("spec") or {}
     begun = sum(status.get(k) or 0 for k in ("ready", "succeeded", "failed"))
     started = begun >= (spec.get("parallelism") or 1)
-    problem = pod_problem(list(pods), now) if now else None
+    problem = pod_problem(pods, now) if now else None
     if problem is None and failed_create and not status.get("active"):
         problem = ("FailedCreate", f"Job {name}: {failed_create}")  # quota, admission, no SA
-    return ChildState("Job", name, "Running", problem=problem, started=started)
+    return ChildState("Job", name, "Running", problem=problem, started=started, **marks)
 
 
-def rayjob_state(rayjob: dict[str, Any]) -> ChildState:
+def rayjob_state(rayjob: dict[str, Any], workload: dict[str, Any] | None = None) -> ChildState:
     """Summarise a KubeRay RayJob from its jobDeploymentStatus and jobStatus."""
     name = rayjob["metadata"]["name"]
+    marks = child_marks(rayjob)
+    if marks["queue"]:
+        marks.update(kueue_admission(workload))
     status = rayjob.get("status") or {}
     deployment, job_status = status.get("jobDeploymentStatus", ""), status.get("jobStatus", "")
     if deployment == "Complete" and job_status == "SUCCEEDED":
-        return ChildState("RayJob", name, "Succeeded", completion_time=status.get("endTime"))
+        return ChildState("RayJob", name, "Succeeded", completion_time=status.get("endTime"), **marks)
     if deployment in ("Failed", "Complete") or job_status in ("FAILED", "STOPPED"):
         return ChildState("RayJob", name, "Failed", status.get("reason") or job_status or deployment,
-                          status.get("message", ""))  # fmt: skip
+                          status.get("message", ""), **marks)  # fmt: skip
     if (rayjob.get("spec") or {}).get("suspend"):
-        return ChildState("RayJob", name, "Suspended")
-    return ChildState("RayJob", name, "Running")
+        return ChildState("RayJob", name, "Suspended", **marks)
+    return ChildState("RayJob", name, "Running", **marks)
+
+
+def restart_decision(child: ChildState, max_restarts: int) -> tuple[str, bool] | None:
+    """Whether a failed training gang restarts: (why, counted), or None when the job fails.
+    Bad input fails at once (it would fail again), as does the stage's own deadline; a
+    disruption restarts without counting; any other failure spends one of maxRestarts."""
+    if children.EXIT_BAD_INPUT in child.exit_codes or child.reason == "DeadlineExceeded":
+        return None
+    if child.attempt + 1 > MAX_TRAIN_ATTEMPTS:
+        return None
+    if child.disrupted:
+        return "a pod was disrupted (evicted or preempted)", False
+    if child.restarts >= max_restarts:
+        return None
+    codes = ", ".join(str(c) for c in child.exit_codes)
+    return f"{child.reason}" + (f", exit code {codes}" if codes else ""), True
 
 
 # --- status helpers -------------------------------------------------------------------------
@@ -238,7 +313,7 @@ def expire_children(observed: Observed, ttl: int | None, now: str) -> list[Actio
     return [
         Action("expire", "Job", child.name,
                {"ttl": ttl + max(0, int(seconds_between(child.completion_time or now, now)))})
-        for child in observed.stages.values()
+        for child in [*observed.stages.values(), *observed.previous]
         if child.kind == "Job" and child.state in ("Succeeded", "Failed")
     ]  # fmt: skip
 
@@ -266,10 +341,11 @@ def set_condition(
     )
 
 
-def _validate(spec: dict[str, Any]):
-    """The spec as the operator needs it: valid, and with paths a pod can reach."""
+def _validate(name: str, spec: dict[str, Any]):
+    """The spec as the operator needs it: valid, with paths a pod can reach and child names
+    that are DNS labels."""
     parsed = parse_spec(spec)
-    errors = []
+    errors = [problem] if (problem := hostname_problem(name, parsed.training.nodes)) else []
     paths = [("spec.workDir", parsed.work_dir), ("spec.dataset.uri", parsed.dataset.uri),
              ("spec.training.outputDir", parsed.training.output_dir)]  # fmt: skip
     for where, uri in paths:
@@ -316,7 +392,7 @@ def plan(body: dict[str, Any], observed: Observed, now: str) -> Plan:
             [],
         )
     try:
-        spec = _validate(spec_dict)
+        spec = _validate(body["metadata"]["name"], spec_dict)
     except SpecError as err:
         message = "; ".join(err.errors)
         set_condition(status, "Failed", True, "InvalidSpec", message, now)
@@ -369,22 +445,38 @@ def plan(body: dict[str, Any], observed: Observed, now: str) -> Plan:
         actions.extend(expire_children(observed, spec.run_policy.ttl_seconds_after_finished, now))
         return finish("Failed", message)
 
+    def restart_gang(child: ChildState, why: str, counted: bool) -> Plan:
+        """All training pods again, as the next attempt's Job; the trainer resumes from the
+        newest checkpoint."""
+        attempt, restarts = child.attempt + 1, child.restarts + counted
+        manifest = children.stage_job(body, spec, "train", suspend=spec.suspend, attempt=attempt,
+                                      restarts=restarts)  # fmt: skip
+        name = manifest["metadata"]["name"]
+        actions.append(Action("create", "Job", name, manifest))
+        stages["train"]["child"], status["restarts"] = name, restarts
+        used = (f"restart {restarts} of {spec.training.max_restarts}" if counted
+                else "a disruption: not counted")  # fmt: skip
+        events.append(("Warning", "TrainingRestarted",
+                       f"train: {child.name} failed ({why}); all {spec.training.nodes} training pods "
+                       f"start again as Job {name} from the newest checkpoint ({used})"))  # fmt: skip
+        return _running(status, "train", spec.suspend, now, finish)
+
+    queue = spec.run_policy.queue_name
     stages = status.setdefault("stages", {})
     for stage in STAGES:
         record = stages.setdefault(stage, {})
         child = observed.stages.get(stage)
         if record.get("completionTime"):  # done, whether its child still exists or not
             continue
+        status["stage"] = stage
+        if child is None and spec.suspend and queue:  # Kueue would admit and start it
+            return _running(status, stage, True, now, finish)
         if child is None:  # the stage's turn: create its child (suspended if the job is)
             for manifest in children.stage_child(body, spec, stage, suspend=spec.suspend):
                 actions.append(
                     Action("create", manifest["kind"], manifest["metadata"]["name"], manifest)
                 )
-            record.update(
-                startTime=record.get("startTime", now),
-                child=children.child_name(body["metadata"]["name"], stage),
-            )
-            status["stage"] = stage
+            record.update(startTime=record.get("startTime", now), child=actions[-1].name)
             events.append(
                 (
                     "Normal",
@@ -393,6 +485,8 @@ def plan(body: dict[str, Any], observed: Observed, now: str) -> Plan:
                 )
             )
             return _running(status, stage, spec.suspend, now, finish)
+        if stage == "train":
+            status["restarts"] = child.restarts
         if child.state == "Succeeded":
             if not record.get("completionTime"):
                 record["completionTime"] = child.completion_time or now
@@ -400,20 +494,23 @@ def plan(body: dict[str, Any], observed: Observed, now: str) -> Plan:
                     ("Normal", "StageSucceeded", f"{stage}: {child.kind} {child.name} succeeded")
                 )
             continue
-        status["stage"] = stage
         if child.state == "Failed":
+            restart = restart_decision(child, spec.training.max_restarts) if stage == "train" else None
+            if restart is not None and not (spec.suspend and queue):
+                return restart_gang(child, *restart)
+            if restart is not None:  # restarted once resumed
+                return _running(status, stage, True, now, finish)
             message = f"{stage} failed ({child.reason})" + (
                 f": {child.message}" if child.message else ""
             )
+            if child.restarts:
+                message += f" [after {child.restarts} restarts]"
             return fail(f"{STAGE_PHASE[stage]}Failed", "StageFailed", message)
-        if spec.suspend and child.state != "Suspended":
-            actions.append(Action("suspend", child.kind, child.name))
-            events.append(
-                ("Normal", "Suspending", f"{stage}: suspending {child.kind} {child.name}")
-            )
-        elif not spec.suspend and child.state == "Suspended":
-            actions.append(Action("resume", child.kind, child.name))
-            events.append(("Normal", "Resuming", f"{stage}: resuming {child.kind} {child.name}"))
+        for action, reason, message in suspension(stage, child, spec.suspend, status):
+            actions.append(action)
+            events.append(("Normal", reason, message))
+        held = child.state == "Suspended" and not spec.suspend and not _ours(child, status)
+        _queued(status, stage, child if held else None, now)
         _stalled(status, child.problem, events, now)
         if stage == "train" and observed.training is not None:
             status["training"] = training_progress(status.get("training"), observed.training, now)
@@ -423,6 +520,9 @@ def plan(body: dict[str, Any], observed: Observed, now: str) -> Plan:
             why = f": {child.problem[1]}" if child.problem else ""
             message = f"{stage}: pods not started {int(waited)}s after the stage began (startupDeadlineSeconds {deadline}){why}"
             return fail("StartupDeadlineExceeded", "StartupDeadlineExceeded", message)
+        if held:
+            set_condition(status, "Running", False, "Queued", f"{stage} is queued", now)
+            return finish("Queued", _condition_message(status, "Queued"))
         return _running(status, stage, spec.suspend, now, finish)
 
     status["stage"] = ""
@@ -433,6 +533,56 @@ def plan(body: dict[str, Any], observed: Observed, now: str) -> Plan:
     )
     actions.extend(expire_children(observed, spec.run_policy.ttl_seconds_after_finished, now))
     return finish("Succeeded", f"model in {spec.train_dir}/train/final/model")
+
+
+def _ours(child: ChildState, status: dict[str, Any]) -> bool:
+    """Whether the operator suspended this child (marked; or, for a child suspended before
+    the mark existed, while the job's own Suspended condition held)."""
+    return child.suspended_by_us or (not child.queue and _holds(status, "Suspended"))
+
+
+def suspension(stage: str, child: ChildState, suspend: bool, status: dict[str, Any]) -> list[tuple[Action, str, str]]:
+    """How to make a running child follow spec.suspend, as (action, Event reason, message).
+    A child with a Kueue queue is started and stopped by Kueue: ask through its Workload's
+    spec.active (Kueue evicts an inactive Workload and suspends its Job, and admits it again
+    once active). Other children: suspend them, and resume only those the operator suspended,
+    never one another controller holds."""
+    what = f"{stage}: {child.kind} {child.name}"
+    if child.queue:
+        if child.workload and suspend and child.workload_active:
+            return [(Action("deactivate", "Workload", child.workload), "Suspending",
+                     f"{what}: deactivating its Kueue Workload {child.workload}")]  # fmt: skip
+        if child.workload and not suspend and not child.workload_active:
+            return [(Action("activate", "Workload", child.workload), "Resuming",
+                     f"{what}: activating its Kueue Workload {child.workload}")]  # fmt: skip
+        return []
+    if suspend and child.state != "Suspended":
+        return [(Action("suspend", child.kind, child.name), "Suspending", f"suspending {what}")]
+    if not suspend and child.state == "Suspended" and _ours(child, status):
+        return [(Action("resume", child.kind, child.name), "Resuming", f"resuming {what}")]
+    return []
+
+
+def _holds(status: dict[str, Any], kind: str) -> bool:
+    """Whether the job's own condition `kind` is True."""
+    return any(c["type"] == kind and c["status"] == "True" for c in status.get("conditions", []))
+
+
+def _condition_message(status: dict[str, Any], kind: str) -> str:
+    return next(c["message"] for c in status["conditions"] if c["type"] == kind)
+
+
+def _queued(status: dict[str, Any], stage: str, held: ChildState | None, now: str) -> None:
+    """The Queued condition: a stage whose child another controller holds suspended (Kueue,
+    until it admits the child's Workload), with that controller's reason. (The phase Queued
+    brings the Event.)"""
+    if held is not None:
+        reason, why = held.admission or ("Suspended", "suspended by another controller")
+        where = f" in Kueue LocalQueue {held.queue}" if held.queue else ""
+        message = f"{stage}: {held.kind} {held.name} is queued{where}: {why}"
+        set_condition(status, "Queued", True, reason, message, now)
+    elif _holds(status, "Queued"):
+        set_condition(status, "Queued", False, "Admitted", f"{stage} admitted", now)
 
 
 def _stalled(

@@ -17,6 +17,8 @@ RULES = [
     {"apiGroups": [""], "resources": ["services"], "verbs": ["get", "create"]},
     {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["list", "watch", "create", "patch"]},
     {"apiGroups": ["ray.io"], "resources": ["rayjobs"], "verbs": ["get", "create", "patch"]},
+    # a queued child's Kueue Workload: why it waits; spec.active to suspend and resume it
+    {"apiGroups": ["kueue.x-k8s.io"], "resources": ["workloads"], "verbs": ["list", "patch"]},
     # the failing pod's termination message
     {"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]},
     # Events on every transition; the Job controller's FailedCreate Events of a stage Job

@@ -23,7 +23,6 @@ BASE = {
 }
 MULTI_NODE = {
     **BASE,
-    "training": {"nodes": 2, "processesPerNode": 8, "steps": 1000},
     "template": {
         "image": "registry.example.com/b3/worker:0.1.0",
         "serviceAccountName": "b3-worker",
@@ -38,7 +37,8 @@ MULTI_NODE = {
         "volumes": [{"name": "work", "persistentVolumeClaim": {"claimName": "b3-work"}}],
         "volumeMounts": [{"name": "work", "mountPath": "/work"}],
     },
-    "stages": {"train": {"backoffLimit": 4, "activeDeadlineSeconds": 86400,
+    "training": {"nodes": 2, "processesPerNode": 8, "steps": 1000, "maxRestarts": 4},
+    "stages": {"train": {"activeDeadlineSeconds": 86400,
                          "resources": {"limits": {"nvidia.com/gpu": 8, "memory": "900Gi"}}}},
     "runPolicy": {"queueName": "gpu-team", "schedulerName": "default-scheduler",
                   "ttlSecondsAfterFinished": 3600},
@@ -122,11 +122,17 @@ def test_training_is_an_indexed_gang_with_torchrun_in_exec_form():
     )
     (container,) = pod["containers"]
     assert container["command"] == [
-        "torchrun", "--nnodes", "2", "--nproc-per-node", "8", "--node-rank", "$(JOB_COMPLETION_INDEX)",
-        "--rdzv-endpoint", "job-1-train-0.job-1-train:29400", "-m", "b3_jobs.train", "/etc/b3/job.yaml",
+        "python", "-m", "b3_jobs.launch", "--nnodes", "2", "--nproc-per-node", "8",
+        "--node-rank", "$(JOB_COMPLETION_INDEX)", "--rdzv-endpoint", "job-1-train-0.job-1-train:29400",
+        "-m", "b3_jobs.train", "/etc/b3/job.yaml",
     ]  # fmt: skip
     assert container["resources"] == {"limits": {"nvidia.com/gpu": "8", "memory": "900Gi"}}
-    assert spec["backoffLimit"] == 4 and spec["activeDeadlineSeconds"] == 86400
+    # the first failed pod fails the Job (whose controller stops the rest): the gang restarts
+    assert spec["backoffLimit"] == 0 and spec["activeDeadlineSeconds"] == 86400
+    rules = spec["podFailurePolicy"]["rules"]
+    assert [r["action"] for r in rules] == ["FailJob", "FailJob"]
+    assert train["metadata"]["labels"]["b3.dev/attempt"] == "0"
+    assert train["metadata"]["annotations"]["b3.dev/restarts"] == "0"
     assert "ttlSecondsAfterFinished" not in spec  # set when the whole B3Job ends (planner)
     assert pod["schedulerName"] == "default-scheduler" and pod["priorityClassName"] == "training"
     assert {
@@ -143,8 +149,11 @@ def test_bad_input_fails_at_once_and_disruptions_do_not_count():
             "action": "FailJob",
             "onExitCodes": {"containerName": "stage", "operator": "In", "values": [2]},
         }
+        # a disrupted rank/partition pod is replaced; a disrupted training pod fails its Job, so
+        # that the operator restarts the whole gang (without counting it, see the planner)
+        stage = job["metadata"]["labels"]["b3.dev/stage"]
         assert rules[1] == {
-            "action": "Ignore",
+            "action": "FailJob" if stage == "train" else "Ignore",
             "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}],
         }
         assert job["spec"]["template"]["spec"]["restartPolicy"] == "Never"

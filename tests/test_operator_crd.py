@@ -113,7 +113,7 @@ def test_crd_names_columns_and_status_subresource():
     version = doc["spec"]["versions"][0]
     assert version["name"] == "v1alpha1" and version["subresources"] == {"status": {}}
     columns = [c["name"] for c in version["additionalPrinterColumns"]]
-    assert columns == ["Phase", "Stage", "Progress", "Message", "Age"]
+    assert columns == ["Phase", "Stage", "Progress", "Restarts", "Message", "Age"]
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=[p.name for p in EXAMPLES])

@@ -7,7 +7,7 @@ import copy
 
 import pytest
 
-from b3_operator.planner import ChildState, Observed, job_state, plan, rayjob_state
+from b3_operator.planner import ChildState, Observed, job_state, kueue_admission, plan, rayjob_state
 
 NOW, LATER = "2026-11-23T10:00:00Z", "2026-11-23T11:00:00Z"
 SPEC = {
@@ -100,7 +100,7 @@ def test_a_whole_job_through_its_status():
                                             ("train", {"rank": "Succeeded", "partition": "Succeeded"})])  # fmt: skip
 def test_a_failed_stage_fails_the_job_with_the_pod_message(stage, earlier):
     obs = observed(**earlier)
-    obs.stages[stage] = child(stage, "Failed", reason="PodFailurePolicy",
+    obs.stages[stage] = child(stage, "Failed", reason="PodFailurePolicy", exit_codes=(1, 2),
                               message="rank: dataset.columns: column 'query' missing")  # fmt: skip
     result, actions, reasons = run(body(), obs)
     assert actions == [] and result.status["phase"] == "Failed"
@@ -442,3 +442,157 @@ def test_the_operator_reads_progress_from_a_real_training_metrics_endpoint():
     assert read_training_progress(url, "job-1") == {"step": 42.0, "totalSteps": 1000.0, "loss": 0.5}
     assert read_training_progress(url, "another-job") is None
     assert read_training_progress("http://127.0.0.1:9/metrics", "job-1", timeout=0.5) is None
+
+
+# --- whole-gang restart of training ------------------------------------------------------------
+
+TRAINING = {"rank": "Succeeded", "partition": "Succeeded"}
+
+
+def failed_gang(**kw) -> Observed:
+    obs = observed(**TRAINING)
+    kw.setdefault("reason", "BackoffLimitExceeded")
+    obs.stages["train"] = ChildState("Job", kw.pop("name", "job-1-train"), "Failed", **kw)
+    return obs
+
+
+def test_a_failed_training_pod_restarts_the_whole_gang_as_a_new_job():
+    result, actions, reasons = run(body(), failed_gang(exit_codes=(1,), message="NCCL timeout"))
+    assert actions == [("create", "Job", "job-1-r1")] and "TrainingRestarted" in reasons
+    job = result.actions[0].manifest
+    assert job["metadata"]["labels"]["b3.dev/attempt"] == "1"
+    assert job["metadata"]["annotations"]["b3.dev/restarts"] == "1"
+    assert job["spec"]["completions"] == job["spec"]["parallelism"] == 1 and job["spec"]["backoffLimit"] == 0
+    # the new gang finds its rank 0 under the same Service, by its own hostnames
+    command = job["spec"]["template"]["spec"]["containers"][0]["command"]
+    assert command[command.index("--rdzv-endpoint") + 1] == "job-1-r1-0.job-1-train:29400"
+    assert job["spec"]["template"]["spec"]["subdomain"] == "job-1-train"
+    assert result.status["restarts"] == 1 and result.status["phase"] == "Training"
+    assert result.status["stages"]["train"]["child"] == "job-1-r1"
+    message = next(m for _, r, m in result.events if r == "TrainingRestarted")
+    assert "job-1-train failed (BackoffLimitExceeded, exit code 1)" in message and "restart 1 of 3" in message
+
+
+def test_restarts_stop_at_max_restarts_and_the_job_fails_saying_so():
+    obs = failed_gang(name="job-1-r3", attempt=3, restarts=3, exit_codes=(1,), message="CUDA error")
+    result, actions, reasons = run(body(), obs)
+    assert actions == [] and result.status["phase"] == "Failed" and "StageFailed" in reasons
+    assert "CUDA error" in result.status["message"] and "after 3 restarts" in result.status["message"]
+    more = body(training={"maxRestarts": 5})
+    assert [a for _, a, _ in [run(more, obs)]] == [[("create", "Job", "job-1-r4")]]
+
+
+def test_a_disruption_restarts_without_counting():
+    obs = failed_gang(name="job-1-r3", attempt=3, restarts=3, exit_codes=(143,), disrupted=True)
+    result, actions, _ = run(body(), obs)
+    assert actions == [("create", "Job", "job-1-r4")]
+    assert result.status["restarts"] == 3 and result.actions[0].manifest["metadata"]["annotations"]["b3.dev/restarts"] == "3"
+    assert "not counted" in next(m for _, r, m in result.events if r == "TrainingRestarted")
+
+
+@pytest.mark.parametrize("kw", [{"exit_codes": (1, 2), "reason": "PodFailurePolicy"},
+                                {"reason": "DeadlineExceeded"},
+                                {"exit_codes": (1,), "attempt": 999, "disrupted": True}],
+                         ids=["bad input in any worker", "the stage's deadline", "out of attempt names"])  # fmt: skip
+def test_failures_a_restart_cannot_mend_fail_the_job_at_once(kw):
+    result, actions, _ = run(body(), failed_gang(message="train: dataset.columns: column 'id' missing", **kw))
+    assert actions == [] and result.status["phase"] == "Failed"
+
+
+def test_an_operator_restarted_after_creating_the_next_gang_adopts_it():
+    obs = observed(**TRAINING)
+    obs.stages["train"] = ChildState("Job", "job-1-r1", "Running", attempt=1, restarts=1)
+    obs.previous = [ChildState("Job", "job-1-train", "Failed", "BackoffLimitExceeded", exit_codes=(1,))]
+    result, actions, _ = run(body(), obs)  # the status patch of the restart was lost
+    assert actions == [] and result.status["restarts"] == 1 and result.status["phase"] == "Training"
+
+
+def test_every_gang_gets_its_ttl_when_the_job_ends():
+    obs = observed(**TRAINING)
+    obs.stages["train"] = ChildState("Job", "job-1-r1", "Succeeded", attempt=1, restarts=1, completion_time=NOW)
+    obs.previous = [ChildState("Job", "job-1-train", "Failed", "BackoffLimitExceeded", completion_time=NOW)]
+    result, actions, _ = run(body(runPolicy={"ttlSecondsAfterFinished": 60}), obs)
+    assert result.status["phase"] == "Succeeded"
+    assert {a[2] for a in actions if a[0] == "expire"} == {"job-1-rank", "job-1-partition", "job-1-train", "job-1-r1"}
+
+
+def test_job_state_reads_exit_codes_disruption_and_the_bad_input_message():
+    job = {"metadata": {"name": "job-1-r2", "labels": {"b3.dev/attempt": "2"}, "annotations": {"b3.dev/restarts": "1"}},
+           "spec": {}, "status": {"conditions": [{"type": "Failed", "status": "True", "reason": "PodFailurePolicy",
+                                                  "message": "Container stage for pod ns/x failed with exit code 2 matching FailJob rule at index 0"}]}}  # fmt: skip
+
+    def pod(code, message, finished, conditions=()):
+        return {"metadata": {"name": f"p{code}"}, "status": {"conditions": list(conditions), "containerStatuses": [
+            {"state": {"terminated": {"exitCode": code, "message": message, "finishedAt": finished}}}]}}  # fmt: skip
+
+    state = job_state(job, [pod(2, "column 'id' missing", NOW), pod(1, "rendezvous closed", LATER)])
+    assert (state.attempt, state.restarts, state.exit_codes) == (2, 1, (1, 2))
+    assert state.message == "column 'id' missing" and not state.disrupted  # the cause, not the newest
+    evicted = pod(143, "", NOW, [{"type": "DisruptionTarget", "status": "True", "reason": "EvictionByEvictionAPI"}])
+    assert job_state(job, [evicted]).disrupted
+
+
+# --- Kueue: it starts and stops queued children ------------------------------------------------
+
+
+def queued(state: str = "Suspended", **kw) -> Observed:
+    obs = Observed(configmap=True)
+    obs.stages["rank"] = ChildState("Job", "job-1-rank", state, queue="gpu", **kw)
+    return obs
+
+
+PENDING = ("Pending", "couldn't assign flavors to pod set main: insufficient unused quota for cpu in flavor default, 1 more needed")
+
+
+def test_a_child_kueue_holds_is_queued_with_kueues_reason_and_never_resumed():
+    b = body(runPolicy={"queueName": "gpu"})
+    result, actions, reasons = run(b, queued(workload="job-job-1-rank-1", admission=PENDING))
+    assert actions == [] and reasons == ["Queued"]
+    assert result.status["phase"] == "Queued" and "insufficient unused quota" in result.status["message"]
+    queued_condition = next(c for c in result.status["conditions"] if c["type"] == "Queued")
+    assert (queued_condition["status"], queued_condition["reason"]) == ("True", "Pending")
+    assert conditions(result.status)["Running"] == "False"
+    # admitted: Kueue unsuspended it
+    again, actions, reasons = run({**b, "status": result.status}, queued("Running", workload="job-job-1-rank-1"), LATER)
+    assert actions == [] and again.status["phase"] == "Ranking" and "Queued" not in reasons
+    assert conditions(again.status)["Queued"] == "False"
+
+
+def test_suspend_goes_through_the_kueue_workload():
+    held = queued("Running", workload="w-1")
+    result, actions, _ = run(body(suspend=True, runPolicy={"queueName": "gpu"}), held)
+    assert actions == [("deactivate", "Workload", "w-1")] and result.status["phase"] == "Suspended"
+    stopped = queued(workload="w-1", workload_active=False, admission=("Deactivated", "inactive"))
+    assert run(body(suspend=True, runPolicy={"queueName": "gpu"}), stopped)[1] == []
+    result, actions, _ = run(body(runPolicy={"queueName": "gpu"}), stopped)
+    assert actions == [("activate", "Workload", "w-1")]
+
+
+def test_a_queued_stage_is_not_created_while_the_job_is_suspended():
+    result, actions, _ = run(body(suspend=True, runPolicy={"queueName": "gpu"}), Observed(configmap=True))
+    assert actions == [] and result.status["phase"] == "Suspended"
+    result, actions, _ = run(body(runPolicy={"queueName": "gpu"}), Observed(configmap=True))
+    (job,) = [a.manifest for a in result.actions]
+    assert job["spec"]["suspend"] is True and "b3.dev/suspended" not in job["metadata"].get("annotations", {})
+
+
+def test_only_children_the_operator_suspended_are_resumed():
+    ours = observed(rank="Suspended")
+    ours.stages["rank"] = child("rank", "Suspended", suspended_by_us=True)
+    assert run(body(), ours)[1] == [("resume", "Job", "job-1-rank")]
+    other = observed(rank="Suspended")  # suspended by someone else (another controller)
+    result, actions, reasons = run(body(), other)
+    assert actions == [] and result.status["phase"] == "Queued" and reasons == ["Queued"]
+    # created suspended for a suspended job: marked as ours
+    (cm, job) = [a.manifest for a in plan(body(suspend=True), Observed(), NOW).actions]
+    assert job["spec"]["suspend"] is True and job["metadata"]["annotations"]["b3.dev/suspended"] == "true"
+
+
+def test_kueue_admission_from_the_workload():
+    assert kueue_admission(None)["admission"][0] == "NoWorkload"
+    admitted = {"metadata": {"name": "w"}, "spec": {"active": True},
+                "status": {"conditions": [{"type": "QuotaReserved", "status": "True"}, {"type": "Admitted", "status": "True"}]}}  # fmt: skip
+    assert kueue_admission(admitted) == {"workload": "w", "workload_active": True}
+    pending = {"metadata": {"name": "w"}, "spec": {"active": False}, "status": {"conditions": [
+        {"type": "QuotaReserved", "status": "False", "reason": "Pending", "message": PENDING[1]}]}}  # fmt: skip
+    assert kueue_admission(pending) == {"workload": "w", "workload_active": False, "admission": PENDING}

@@ -174,3 +174,23 @@ def test_every_shipped_manifest_validates(path):
     text = path.read_text()
     assert text.startswith("# "), "each example opens with the command that runs it"
     load_manifest(path)
+
+
+def test_training_pod_hostnames_must_be_dns_labels():
+    doc = {"metadata": {"name": "a" * 53}, "spec": {"dataset": {"uri": "/d.parquet"}, "workDir": "/w",
+           "training": {"nodes": 1001}, "mining": {"batchSize": 1001, "clusterSize": 7}}}  # fmt: skip
+    with pytest.raises(SpecError) as err:
+        parse_manifest(doc)
+    assert "'" + "a" * 53 + "-train-1000' longer than 63 characters" in str(err.value)
+    doc["spec"]["training"]["nodes"] = 1000  # <name>-train-999: 63 characters
+    doc["spec"]["mining"]["batchSize"] = 1000
+    doc["spec"]["mining"]["clusterSize"] = 8
+    assert parse_manifest(doc).spec.training.nodes == 1000
+
+
+def test_the_train_stage_has_no_backoff_limit_but_max_restarts():
+    spec = {"dataset": {"uri": "/d.parquet"}, "workDir": "/w"}
+    with pytest.raises(SpecError, match="train.backoffLimit does not apply.*training.maxRestarts"):
+        parse_spec({**spec, "stages": {"train": {"backoffLimit": 3}}})
+    parsed = parse_spec({**spec, "stages": {"rank": {"backoffLimit": 3}}, "training": {"maxRestarts": 5}})
+    assert parsed.stages.rank.backoff_limit == 3 and parsed.training.max_restarts == 5

@@ -1,0 +1,40 @@
+"""b3_jobs.launch: torchrun that keeps a worker's exit code 2 (bad input) and 143 (stopped
+after a checkpoint), which plain torchrun reports as 1. Real torchrun, two CPU workers."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from b3_jobs.launch import exit_code
+
+WORKER = """
+import os, sys, time
+if int(os.environ["RANK"]) == 1:
+    sys.exit(int(sys.argv[1]))
+time.sleep(30 if sys.argv[1] != "0" else 0)  # rank 0 would wait on rank 1 (torchrun stops it)
+"""
+
+
+def launch(module: str, tmp_path, code: int) -> int:
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    args = [sys.executable, "-m", module, "--standalone", "--nproc-per-node", "2", str(script), str(code)]
+    return subprocess.run(args, capture_output=True, timeout=120).returncode
+
+
+@pytest.mark.parametrize("worker, pod", [(0, 0), (2, 2), (143, 143), (7, 1)])
+def test_the_pod_exits_with_what_its_workers_mean(tmp_path, worker, pod):
+    assert launch("b3_jobs.launch", tmp_path, worker) == pod
+
+
+def test_plain_torchrun_loses_the_bad_input_code(tmp_path):
+    assert launch("torch.distributed.run", tmp_path, 2) == 1  # why b3_jobs.launch exists
+
+
+def test_exit_code_table():
+    assert exit_code({2, -15}) == 2 and exit_code({1, 2}) == 2
+    assert exit_code({143, -15}) == 143 and exit_code({143}) == 143
+    assert exit_code({143, 1}) == 1 and exit_code({-9}) == 1
