@@ -5,13 +5,15 @@ stopped on bad input (exit 2, the message already in the termination log) would 
 crash: the Job's podFailurePolicy rule for exit 2 would never match, and the operator would
 restart the gang on input that fails every time. This runs torchrun's own entry point and
 exits 2 when any local worker did, 143 when workers stopped on SIGTERM after checkpointing
-(the others killed by torchrun, none failed), and 1 for any other failure.
+(the others killed by torchrun, none failed), and 1 for any other failure; stopped itself
+(the pod deleted: torchrun passes SIGTERM to its workers, which checkpoint), 128 + the signal.
 """
 
 from __future__ import annotations
 
 import sys
 
+from torch.distributed.elastic.multiprocessing.api import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.run import parse_args, run
 
@@ -35,6 +37,8 @@ def main(argv: list[str] | None = None) -> int:
         run(parse_args(sys.argv[1:] if argv is None else argv))
     except ChildFailedError as err:
         return exit_code({failure.exitcode for failure in err.failures.values()})
+    except SignalException as err:  # the pod was stopped: torchrun stopped its workers first
+        return 128 + int(err.sigval)
     return 0
 
 

@@ -320,19 +320,44 @@ def on_child_job(body: kopf.Body, type: str | None, **_: Any) -> None:
     if type is None:  # the initial listing; resume handlers cover it
         return
     meta = body["metadata"]
-    owner = next((r for r in meta.get("ownerReferences") or [] if r.get("kind") == "B3Job"), None)
+    state = job_state(dict(body))
+    _retrigger(meta["namespace"], meta.get("ownerReferences") or [], f"{meta['name']}={state.state}")
+
+
+def _retrigger(namespace: str, owners: list, token: str) -> None:
+    """Record a child's state on its B3Job (from the child's ownerReferences), which makes kopf
+    reconcile the job."""
+    owner = next((r for r in owners if r.get("kind") == "B3Job"), None)
     if owner is None:
         return
-    state = job_state(dict(body))
-    token = f"{meta['name']}={state.state}"
     try:
         kubernetes.client.CustomObjectsApi().patch_namespaced_custom_object(
-            API_GROUP, API_VERSION, meta["namespace"], PLURAL, owner["name"],
+            API_GROUP, API_VERSION, namespace, PLURAL, owner["name"],
             {"metadata": {"annotations": {OBSERVED_ANNOTATION: token}}},
         )  # fmt: skip
     except ApiException as err:
         if err.status != 404:  # the job is being deleted
             raise
+
+
+@kopf.on.event(KUEUE_GROUP, KUEUE_VERSION, KUEUE_PLURAL)
+def on_workload(body: kopf.Body, type: str | None, **_: Any) -> None:
+    """Kueue's Workload of a stage Job changed (made, pending for a new reason, admitted,
+    evicted): re-trigger the B3Job as for the Job itself. (kopf serves this only where Kueue's
+    CRD exists.)"""
+    if type is None:
+        return
+    meta = body["metadata"]
+    owner = next((r for r in meta.get("ownerReferences") or [] if r.get("kind") == "Job"), None)
+    if owner is None:
+        return
+    jobs = kubernetes.client.BatchV1Api().list_namespaced_job(
+        meta["namespace"], field_selector=f"metadata.name={owner['name']}",
+        label_selector=children.JOB_LABEL)  # fmt: skip
+    newest = next((f"{c['type']}={c['status']}/{c.get('reason', '')}" for c in
+                   reversed((body.get("status") or {}).get("conditions") or [])), "new")  # fmt: skip
+    for job in (_as_dict(j) for j in jobs.items):
+        _retrigger(meta["namespace"], job["metadata"].get("ownerReferences") or [], f"{meta['name']}={newest}")
 
 
 @kopf.on.delete(API_GROUP, API_VERSION, PLURAL, optional=True)

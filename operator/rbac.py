@@ -18,7 +18,7 @@ RULES = [
     {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["list", "watch", "create", "patch"]},
     {"apiGroups": ["ray.io"], "resources": ["rayjobs"], "verbs": ["get", "create", "patch"]},
     # a queued child's Kueue Workload: why it waits; spec.active to suspend and resume it
-    {"apiGroups": ["kueue.x-k8s.io"], "resources": ["workloads"], "verbs": ["list", "patch"]},
+    {"apiGroups": ["kueue.x-k8s.io"], "resources": ["workloads"], "verbs": ["list", "watch", "patch"]},
     # the failing pod's termination message
     {"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]},
     # Events on every transition; the Job controller's FailedCreate Events of a stage Job

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 import time
 from pathlib import Path
 
@@ -273,6 +274,121 @@ def test_a_ray_rank_stage_is_a_rayjob_the_operator_creates_and_resumes(operator,
     operator.kubectl("patch", "b3job", "ray", "-n", "e2e", "--type=merge", "-p", '{"spec": {"suspend": false}}')
     wait_for("RayJob resumed", lambda: get(operator, "rayjob", "-n", "e2e", "ray-rank")["spec"]["suspend"] is False, 60)
     operator.kubectl("delete", "b3job", "ray", "-n", "e2e", "--wait=false")
+
+
+# --- Kueue (built from sigs.k8s.io/kueue) admits the stages -------------------------------------
+
+
+@pytest.fixture(scope="module")
+def kueue(operator, data_volume):
+    """Kueue's manager and webhooks on this control plane, one ClusterQueue of 1 CPU."""
+    operator.start_kueue()
+    operator.kubectl("apply", "-f", "-", stdin=yaml.safe_dump_all([
+        {"apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "ResourceFlavor", "metadata": {"name": "default"}},
+        {"apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "ClusterQueue", "metadata": {"name": "b3"},
+         "spec": {"namespaceSelector": {}, "resourceGroups": [{
+             "coveredResources": ["cpu", "memory", "nvidia.com/gpu"],
+             "flavors": [{"name": "default", "resources": [{"name": "cpu", "nominalQuota": "1"},
+                                                            {"name": "memory", "nominalQuota": "64Gi"},
+                                                            {"name": "nvidia.com/gpu", "nominalQuota": "8"}]}]}]}},
+        {"apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "LocalQueue", "metadata": {"name": "b3-queue", "namespace": "e2e"},
+         "spec": {"clusterQueue": "b3"}},
+    ]))  # fmt: skip
+    return operator
+
+
+def workload(cluster, job: str) -> dict:
+    uid = get(cluster, "job", "-n", "e2e", job)["metadata"]["uid"]
+    items = get(cluster, "workloads", "-n", "e2e", "-l", f"kueue.x-k8s.io/job-uid={uid}")["items"]
+    return items[0] if items else {}
+
+
+def test_kueue_admits_the_stages_and_the_operator_never_fights_it(kueue, data_volume):
+    """The real Kueue webhook suspends each queue-labelled stage Job and admits it when quota
+    allows: the B3Job is Queued with Kueue's own reason meanwhile, B3Job suspend goes through
+    the Workload's spec.active (which Kueue honours where a Job's suspend would be undone),
+    and the operator never patches a stage Job's suspend (the audit log)."""
+    apply(kueue, b3job("queued", **{"runPolicy.queueName": "b3-queue",
+                                    "stages.rank.resources": {"requests": {"cpu": "2"}}}))  # fmt: skip
+    def queued_condition():
+        return {c["type"]: c for c in status(kueue, "queued").get("conditions", [])}.get("Queued", {})
+
+    # first without a Workload (NoWorkload); Kueue's Workload events bring its reason
+    queued = wait_for("Queued by Kueue", lambda: queued_condition().get("reason") == "Pending" and queued_condition(), 60)
+    assert queued["status"] == "True" and status(kueue, "queued")["phase"] == "Queued"
+    assert "insufficient quota for cpu" in queued["message"] and "b3-queue" in queued["message"]
+    assert get(kueue, "job", "-n", "e2e", "queued-rank")["spec"]["suspend"] is True
+
+    kueue.kubectl("patch", "b3job", "queued", "-n", "e2e", "--type=merge", "-p", '{"spec": {"suspend": true}}')
+    wait_for("Workload deactivated", lambda: workload(kueue, "queued-rank")["spec"].get("active") is False, 60)
+    wait_for("Suspended", lambda: status(kueue, "queued").get("phase") == "Suspended", 60)
+    kueue.kubectl("patch", "clusterqueue", "b3", "--type=json", "-p",
+                  '[{"op": "replace", "path": "/spec/resourceGroups/0/flavors/0/resources/0/nominalQuota", "value": "8"}]')  # fmt: skip
+    time.sleep(5)  # quota now fits, but an inactive Workload is not admitted
+    assert get(kueue, "job", "-n", "e2e", "queued-rank")["spec"]["suspend"] is True
+
+    kueue.kubectl("patch", "b3job", "queued", "-n", "e2e", "--type=merge", "-p", '{"spec": {"suspend": false}}')
+    final = wait_for("B3Job finished", lambda: status(kueue, "queued").get("phase") in ("Succeeded", "Failed")
+                     and status(kueue, "queued"), timeout=420, every=2)  # fmt: skip
+    assert final["phase"] == "Succeeded", (final, kueue.pod_logs("e2e", "queued")[-3000:])
+    assert {c["type"]: c["status"] for c in final["conditions"]}["Queued"] == "False"
+    for stage in ("rank", "partition", "train"):  # each stage went through Kueue and was admitted
+        admitted = {c["type"]: c["status"] for c in workload(kueue, f"queued-{stage}")["status"]["conditions"]}
+        assert admitted.get("Admitted") == "True" or admitted.get("Finished") == "True", (stage, admitted)
+    ours = [e for e in kueue.requests(OPERATOR_SA) if "queued-" in (e.get("objectRef") or {}).get("name", "")
+            and e["verb"] == "patch"]  # the stage Jobs queued-*, their Workloads job-queued-*
+    patched = sorted({(e["objectRef"]["resource"], e["objectRef"]["name"]) for e in ours})
+    assert patched == [("workloads", workload(kueue, "queued-rank")["metadata"]["name"])], patched
+    reasons = [r for r, _ in events(kueue, "queued")]
+    assert "Queued" in reasons and "Suspending" in reasons and "Resuming" in reasons
+
+
+# --- training restarts as a whole gang ---------------------------------------------------------
+
+
+def newest_checkpoint(root: Path) -> int:
+    steps = [int(p.name.removeprefix("step-")) for p in root.glob("train/checkpoints/*/step-*") if p.name[5:].isdigit()]
+    return max(steps, default=0)
+
+
+def training_pod(cluster, job: str) -> dict | None:
+    pods = get(cluster, "pods", "-n", "e2e", "-l", f"job-name={job}")["items"]
+    return next((p for p in pods if p["status"].get("phase") == "Running"), None)
+
+
+def test_training_restarts_as_a_whole_gang_and_a_disruption_does_not_count(operator, data_volume):
+    """A training pod evicted through the real Eviction API (the apiserver marks it
+    DisruptionTarget; the trainer checkpoints on SIGTERM): the gang starts again as a new Job,
+    not counted. A worker killed (a crash): again, counted in status.restarts. Each gang
+    resumes from the newest checkpoint and the job succeeds."""
+    import kubernetes
+
+    apply(operator, b3job("gang", **{"training.steps": 400, "training.checkpointEvery": 5}))
+    root = data_volume / "gang"
+    wait_for("a first checkpoint", lambda: newest_checkpoint(root) >= 5, 300, 0.2)
+    pod = training_pod(operator, "gang-train")
+    core = kubernetes.client.CoreV1Api(operator.api_client())
+    core.create_namespaced_pod_eviction(pod["metadata"]["name"], "e2e", {
+        "apiVersion": "policy/v1", "kind": "Eviction", "metadata": {"name": pod["metadata"]["name"], "namespace": "e2e"}})  # fmt: skip
+    wait_for("second gang running", lambda: training_pod(operator, "gang-r1"), 120)
+    evicted_at = newest_checkpoint(root)
+    wait_for("a checkpoint of the second gang", lambda: newest_checkpoint(root) > evicted_at, 120, 0.2)
+    assert status(operator, "gang").get("restarts", 0) == 0  # a disruption is not counted
+
+    # the worker process crashes (torchrun's worker: python -u -m b3_jobs.train ...)
+    subprocess.run(["pkill", "-KILL", "-f", "python[^ ]* -u -m b3_jobs.train /etc/b3/job.yaml"], check=True)
+    final = wait_for("B3Job finished", lambda: status(operator, "gang").get("phase") in ("Succeeded", "Failed")
+                     and status(operator, "gang"), timeout=420, every=2)  # fmt: skip
+    assert final["phase"] == "Succeeded", (final, operator.pod_logs("e2e", "gang")[-3000:])
+    assert final["restarts"] == 1 and final["stages"]["train"]["child"] == "gang-r2"
+    jobs = {j["metadata"]["name"]: j for j in get(operator, "jobs", "-n", "e2e", "-l", "b3.dev/job=gang")["items"]}
+    failed = {n: {c["type"]: c for c in j["status"].get("conditions", [])}.get("Failed") for n, j in jobs.items()}
+    assert "DisruptionTarget" in failed["gang-train"]["message"] and failed["gang-r1"]["reason"] == "BackoffLimitExceeded"
+    assert jobs["gang-r2"]["status"]["succeeded"] == 1
+    restarts = [m for r, m in events(operator, "gang") if r == "TrainingRestarted"]
+    assert len(restarts) == 2 and "not counted" in restarts[0] and "restart 1 of 3" in restarts[1]
+    logs = operator.pod_logs("e2e", "gang-r")
+    assert logs.count("resumed from") == 2, logs[-3000:]  # each gang went on from a checkpoint
 
 
 # --- 3: RBAC, last: it edits the ClusterRoles ------------------------------------------------

@@ -38,3 +38,21 @@ def test_exit_code_table():
     assert exit_code({2, -15}) == 2 and exit_code({1, 2}) == 2
     assert exit_code({143, -15}) == 143 and exit_code({143}) == 143
     assert exit_code({143, 1}) == 1 and exit_code({-9}) == 1
+
+
+def test_a_stopped_pod_exits_143_after_its_workers(tmp_path):
+    """SIGTERM to the pod's process (a deleted pod): torchrun passes it to the workers."""
+    import signal
+    import time
+
+    script = tmp_path / "worker.py"
+    script.write_text("import signal, sys, time\n"
+                      "signal.signal(signal.SIGTERM, lambda *_: (open(sys.argv[1] + '.' + __import__('os').environ['RANK'], 'w').close(), sys.exit(143)))\n"
+                      "time.sleep(60)\n")  # fmt: skip
+    marker = tmp_path / "stopped"
+    proc = subprocess.Popen([sys.executable, "-m", "b3_jobs.launch", "--standalone", "--nproc-per-node", "2",
+                             str(script), str(marker)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    time.sleep(8)  # the workers are up
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 143
+    assert sorted(p.name for p in tmp_path.glob("stopped.*")) == ["stopped.0", "stopped.1"]  # each worker saw it

@@ -2,12 +2,15 @@
 # Build what the cluster tests run, from Go modules, with this machine's Go:
 #   b3-testcluster   etcd, kube-apiserver, kube-controller-manager, kube-scheduler (go.mod here)
 #   helm             the real Helm CLI (helm.sh/helm/v4/cmd/helm at HELM_VERSION)
+#   kueue            Kueue's manager (sigs.k8s.io/kueue/cmd/kueue at KUEUE_VERSION), with its
+#                    CRDs and webhook configurations in kueue-config/ (from the same module)
 # into $B3_TESTCLUSTER_BIN_DIR (default ~/.cache/b3-testcluster/bin). Each binary is kept
 # with the hash of what made it: a warm machine rebuilds nothing.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 bin="${B3_TESTCLUSTER_BIN_DIR:-$HOME/.cache/b3-testcluster/bin}"
 HELM_VERSION=v4.3.1
+KUEUE_VERSION=v0.17.0
 mkdir -p "$bin"
 export GOFLAGS="${GOFLAGS:--buildvcs=false}"
 
@@ -34,5 +37,18 @@ if [ "$(cat "$bin/helm.stamp" 2>/dev/null)" != "$want" ] || [ ! -x "$bin/helm" ]
     "helm.sh/helm/v4/cmd/helm@$HELM_VERSION"
   echo "$want" > "$bin/helm.stamp"
   echo "build: helm in $(( $(date +%s) - started ))s" >&2
+fi
+want=$( { go version; echo "$KUEUE_VERSION"; } | stamp)
+if [ "$(cat "$bin/kueue.stamp" 2>/dev/null)" != "$want" ] || [ ! -x "$bin/kueue" ]; then
+  echo "build: kueue $KUEUE_VERSION (cold: about 4 minutes on 2 cores)" >&2
+  started=$(date +%s)
+  GOBIN="$bin" go install -trimpath -ldflags="-s -w" "sigs.k8s.io/kueue/cmd/kueue@$KUEUE_VERSION"
+  module="$(go env GOMODCACHE)/sigs.k8s.io/kueue@$KUEUE_VERSION/config/components"
+  rm -rf "$bin/kueue-config" && mkdir -p "$bin/kueue-config"
+  cp "$module"/crd/bases/*.yaml "$bin/kueue-config/"
+  cp "$module/webhook/manifests.yaml" "$bin/kueue-config/webhooks.yaml.in"  # not applied as is
+  chmod -R u+w "$bin/kueue-config"
+  echo "$want" > "$bin/kueue.stamp"
+  echo "build: kueue in $(( $(date +%s) - started ))s" >&2
 fi
 echo "$bin"

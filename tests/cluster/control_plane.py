@@ -17,8 +17,10 @@ so a Pod's ServiceAccount volume verifies the apiserver like on a real cluster.
 from __future__ import annotations
 
 import argparse
+import base64
 import datetime
 import ipaddress
+import json
 import os
 import signal
 import socket
@@ -50,7 +52,8 @@ def free_port() -> int:
 def binaries() -> dict[str, Path]:
     """Where build.sh put the binaries (B3_TESTCLUSTER_BIN_DIR, else its default cache)."""
     folder = Path(os.environ.get("B3_TESTCLUSTER_BIN_DIR", Path.home() / ".cache" / "b3-testcluster" / "bin"))
-    return {"b3-testcluster": folder / "b3-testcluster", "helm": folder / "helm"}
+    return {"b3-testcluster": folder / "b3-testcluster", "helm": folder / "helm", "kueue": folder / "kueue",
+            "kueue-config": folder / "kueue-config"}  # fmt: skip
 
 
 def _write_certificates(folder: Path) -> None:
@@ -185,6 +188,61 @@ class ControlPlane:
             "--node", self.node_name, "--root", str(self.root / "node"),
             "--apiserver-port", str(self.port),
         ])  # fmt: skip
+
+    def start_kueue(self, timeout: float = 120) -> None:
+        """Kueue's manager (built from sigs.k8s.io/kueue by build.sh) with its CRDs and its Job
+        and Kueue-object webhooks, which the apiserver calls over TLS at 127.0.0.1 (serving
+        certificate: the apiserver's own, signed by the test CA, valid for 127.0.0.1). Only the
+        batch/job integration is on; Kueue manages only Jobs with a queue-name label."""
+        import yaml
+
+        config_dir, folder = binaries()["kueue-config"], self.root / "kueue"
+        (folder / "certs").mkdir(parents=True, exist_ok=True)
+        for src, dst in (("apiserver.crt", "tls.crt"), ("apiserver.key", "tls.key")):
+            (folder / "certs" / dst).write_bytes((self.root / "pki" / src).read_bytes())
+        self.kubectl("apply", "--server-side", "-f", str(config_dir))  # the CRDs (webhooks.yaml.in is not .yaml)
+        self.kubectl("wait", "--for=condition=Established", "--timeout=60s", "-f", str(config_dir))
+        self.kubectl("create", "namespace", "kueue-system")
+        webhook_port = free_port()
+        (folder / "config.yaml").write_text(yaml.safe_dump({
+            "apiVersion": "config.kueue.x-k8s.io/v1beta2", "kind": "Configuration", "namespace": "kueue-system",
+            "health": {"healthProbeBindAddress": f"127.0.0.1:{free_port()}"},
+            "metrics": {"bindAddress": "0"},
+            "webhook": {"host": "127.0.0.1", "port": webhook_port, "certDir": str(folder / "certs")},
+            "leaderElection": {"leaderElect": False},
+            "internalCertManagement": {"enable": False},
+            "integrations": {"frameworks": ["batch/job"]},
+        }))  # fmt: skip
+        # Kueue reads its metrics certificate from a fixed path: bound there in a private mount
+        # namespace by the node double's launcher
+        plan = {"mounts": [[str(folder / "certs"), "/etc/kueue/metrics/certs", True]], "image": [],
+                "command": [str(binaries()["kueue"]), f"--config={folder / 'config.yaml'}",
+                            "--feature-gates=VisibilityOnDemand=false"],  # an extension apiserver
+                "env": {**os.environ, "KUBECONFIG": str(self.kubeconfig)}}  # fmt: skip
+        (folder / "launch.json").write_text(json.dumps(plan))
+        self._spawn("kueue", ["unshare", "--mount", "--propagation", "private", "--", sys.executable,
+                              str(HERE / "pod_launcher.py"), str(folder / "launch.json")])  # fmt: skip
+        ca = base64.b64encode((self.root / "pki" / "ca.crt").read_bytes()).decode()
+        configurations = list(yaml.safe_load_all((config_dir / "webhooks.yaml.in").read_text()))
+        for doc in configurations:
+            doc["metadata"].pop("namespace", None)
+            doc["webhooks"] = [w for w in doc["webhooks"]
+                               if "-batch-v1-job" in w["clientConfig"]["service"]["path"]
+                               or "-kueue-x-k8s-io-" in w["clientConfig"]["service"]["path"]]  # fmt: skip
+            for hook in doc["webhooks"]:
+                path = hook["clientConfig"].pop("service")["path"]
+                hook["clientConfig"] = {"url": f"https://127.0.0.1:{webhook_port}{path}", "caBundle": ca}
+        deadline = time.time() + timeout
+        while True:  # webhooks only once the server answers: until then every Job create fails
+            try:
+                socket.create_connection(("127.0.0.1", webhook_port), timeout=1).close()
+                break
+            except OSError:
+                if self.processes[-1][1].poll() is not None or time.time() > deadline:
+                    raise RuntimeError("kueue did not serve its webhooks:\n"
+                                       + (self.logs / "kueue.log").read_text()[-3000:]) from None  # fmt: skip
+                time.sleep(0.5)
+        self.kubectl("apply", "-f", "-", stdin=yaml.safe_dump_all(configurations))
 
     def wait_ready(self, timeout: float) -> None:
         context = ssl.create_default_context(cafile=str(self.root / "pki" / "ca.crt"))

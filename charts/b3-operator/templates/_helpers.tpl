@@ -46,7 +46,7 @@ app.kubernetes.io/component: operator
   verbs: [get, create, patch]
 - apiGroups: [kueue.x-k8s.io]
   resources: [workloads]
-  verbs: [list, patch]
+  verbs: [list, watch, patch]
 - apiGroups: [""]
   resources: [pods]
   verbs: [list]
