@@ -10,6 +10,7 @@ acts; `--liveness` serves kopf's health endpoint for the Deployment's probe.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -26,6 +27,7 @@ from b3_operator import children, metrics
 from b3_operator.crd import PLURAL
 from b3_operator.planner import (
     STAGES,
+    TERMINAL,
     Action,
     Observed,
     child_marks,
@@ -190,7 +192,10 @@ def observe(body: dict[str, Any]) -> Observed:
             RAY_GROUP, RAY_VERSION, ns, RAY_PLURAL, children.child_name(name, "rank")
         )
         if _owned(rayjob, uid):
-            observed.stages["rank"] = rayjob_state(rayjob, kueue_workload(rayjob))
+            pods = core.list_namespaced_pod(  # the Ray head and workers carry the stage's labels
+                ns, label_selector=f"{children.JOB_LABEL}={name},{children.STAGE_LABEL}=rank")
+            observed.stages["rank"] = rayjob_state(rayjob, kueue_workload(rayjob),
+                                                   [_as_dict(p) for p in pods.items], now())  # fmt: skip
         else:
             observed.foreign.append(_foreign("RayJob", rayjob))
     except ApiException as err:
@@ -291,8 +296,10 @@ def reconcile(body: kopf.Body, patch: kopf.Patch, trigger: str) -> None:
             refused = create_refused(raw, result.status, action.kind, action.name, err.status,
                                      _server_message(err), stamp)  # fmt: skip
             _record(body, patch, refused)
+            schedule(body["metadata"]["namespace"], body["metadata"]["name"], "Failed", None)
             raise kopf.PermanentError(refused.status["message"]) from None
         _record(body, patch, result)
+        schedule(body["metadata"]["namespace"], body["metadata"]["name"], result.status.get("phase"), result.recheck)
     except Exception:
         metrics.RECONCILE_ERRORS.labels(trigger).inc()
         raise  # kopf logs it, posts an Event and retries with backoff
@@ -307,11 +314,57 @@ def on_b3job(body: kopf.Body, patch: kopf.Patch, reason: str, **_: Any) -> None:
     reconcile(body, patch, reason)
 
 
-@kopf.timer(API_GROUP, API_VERSION, PLURAL, interval=60, initial_delay=60,
-            when=lambda status, **_: status.get("phase") not in ("Succeeded", "Failed"))  # fmt: skip
-def on_timer(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
-    """Safety net for a missed child event: reconcile running jobs every minute."""
-    reconcile(body, patch, "timer")
+# --- resync: each running job is reconciled at least every RESYNC_SECONDS ----------------------
+# A safety net for a missed child event, the refresh of training progress, and a startup
+# deadline falling due with no event. Not a kopf timer: kopf keeps a finalizer on every object
+# with a timer, and a running B3Job deleted while no operator runs would hang on it. Instead
+# one loop patches RESYNC_ANNOTATION on the jobs that are due, and kopf reconciles them as for
+# any other change (one at a time per job, on the replica that holds the peering).
+
+RESYNC_SECONDS = 60
+RESYNC_ANNOTATION = f"{API_GROUP}/resync"
+_due: dict[tuple[str, str], float] = {}  # (namespace, name) of running jobs -> monotonic due time
+
+
+def schedule(namespace: str, name: str, phase: str | None, recheck: float | None) -> None:
+    """After a reconcile: when to reconcile this job again, unless an event comes first."""
+    if phase in TERMINAL:
+        _due.pop((namespace, name), None)
+    else:
+        _due[(namespace, name)] = time.monotonic() + min(RESYNC_SECONDS, recheck or RESYNC_SECONDS)
+
+
+def _nudge(namespace: str, name: str) -> None:
+    try:
+        kubernetes.client.CustomObjectsApi().patch_namespaced_custom_object(
+            API_GROUP, API_VERSION, namespace, PLURAL, name,
+            {"metadata": {"annotations": {RESYNC_ANNOTATION: now()}}})  # fmt: skip
+    except ApiException as err:
+        if err.status != 404:
+            raise
+        _due.pop((namespace, name), None)  # deleted
+
+
+async def _resync_loop() -> None:
+    while True:
+        await asyncio.sleep(1)
+        for key, due in list(_due.items()):
+            if due <= time.monotonic():
+                _due[key] = time.monotonic() + RESYNC_SECONDS  # until its reconcile reschedules it
+                try:
+                    await asyncio.to_thread(_nudge, *key)
+                except Exception:  # the API server away: the next round tries again
+                    log.exception("resync of %s/%s", *key)
+
+
+@kopf.on.startup()
+async def start_resync(memo: kopf.Memo, **_: Any) -> None:
+    memo["resync"] = asyncio.get_running_loop().create_task(_resync_loop())
+
+
+@kopf.on.cleanup()
+async def stop_resync(memo: kopf.Memo, **_: Any) -> None:
+    memo["resync"].cancel()
 
 
 @kopf.on.event("batch", "v1", "jobs", labels={children.JOB_LABEL: kopf.PRESENT})
@@ -366,3 +419,4 @@ def on_delete(body: kopf.Body, **_: Any) -> None:
     finalizer, so a B3Job deleted while no operator runs (uninstalled, scaled down) goes at
     once instead of hanging on a finalizer nobody removes."""
     metrics.record_phase(f"{body['metadata']['namespace']}/{body['metadata']['name']}", None)
+    _due.pop((body["metadata"]["namespace"], body["metadata"]["name"]), None)

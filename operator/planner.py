@@ -82,6 +82,7 @@ class Plan:
     actions: list[Action]
     status: dict[str, Any]
     events: list[tuple[str, str, str]]  # (Normal | Warning, reason, message)
+    recheck: float | None = None  # seconds until a decision falls due with no event (a deadline)
 
 
 # --- observing children -------------------------------------------------------------------
@@ -215,8 +216,11 @@ def job_state(
     return ChildState("Job", name, "Running", problem=problem, started=started, **marks)
 
 
-def rayjob_state(rayjob: dict[str, Any], workload: dict[str, Any] | None = None) -> ChildState:
-    """Summarise a KubeRay RayJob from its jobDeploymentStatus and jobStatus."""
+def rayjob_state(rayjob: dict[str, Any], workload: dict[str, Any] | None = None,
+                 pods: list[dict[str, Any]] = (), now: str | None = None) -> ChildState:
+    """Summarise a KubeRay RayJob from its jobDeploymentStatus and jobStatus, and (when
+    running) its Ray pods: started once the head and every worker run, stuck as pod_problem
+    says. With no KubeRay controller there are no pods, and a startup deadline fails it."""
     name = rayjob["metadata"]["name"]
     marks = child_marks(rayjob)
     if marks["queue"]:
@@ -228,9 +232,14 @@ def rayjob_state(rayjob: dict[str, Any], workload: dict[str, Any] | None = None)
     if deployment in ("Failed", "Complete") or job_status in ("FAILED", "STOPPED"):
         return ChildState("RayJob", name, "Failed", status.get("reason") or job_status or deployment,
                           status.get("message", ""), **marks)  # fmt: skip
-    if (rayjob.get("spec") or {}).get("suspend"):
+    spec = rayjob.get("spec") or {}
+    if spec.get("suspend"):
         return ChildState("RayJob", name, "Suspended", **marks)
-    return ChildState("RayJob", name, "Running", **marks)
+    groups = (spec.get("rayClusterSpec") or {}).get("workerGroupSpecs") or []
+    expected = 1 + sum(g.get("replicas") or 0 for g in groups)
+    running = sum((p.get("status") or {}).get("phase") in ("Running", "Succeeded") for p in pods)
+    problem = pod_problem(list(pods), now) if now else None
+    return ChildState("RayJob", name, "Running", problem=problem, started=running >= expected, **marks)
 
 
 def restart_decision(child: ChildState, max_restarts: int) -> tuple[str, bool] | None:
@@ -484,7 +493,10 @@ def plan(body: dict[str, Any], observed: Observed, now: str) -> Plan:
                     f"{stage}: created {actions[-1].kind} {actions[-1].name}",
                 )
             )
-            return _running(status, stage, spec.suspend, now, finish)
+            result = _running(status, stage, spec.suspend, now, finish)
+            deadline = getattr(spec.stages, stage).startup_deadline_seconds
+            result.recheck = deadline + 1 if deadline is not None and not spec.suspend else None
+            return result
         if stage == "train":
             status["restarts"] = child.restarts
         if child.state == "Succeeded":
@@ -516,14 +528,18 @@ def plan(body: dict[str, Any], observed: Observed, now: str) -> Plan:
             status["training"] = training_progress(status.get("training"), observed.training, now)
         deadline = getattr(spec.stages, stage).startup_deadline_seconds
         waited = seconds_between(record.get("startTime") or now, now)
-        if deadline is not None and not child.started and not spec.suspend and waited > deadline:
+        waiting = deadline is not None and not child.started and not spec.suspend
+        if waiting and waited > deadline:
             why = f": {child.problem[1]}" if child.problem else ""
             message = f"{stage}: pods not started {int(waited)}s after the stage began (startupDeadlineSeconds {deadline}){why}"
             return fail("StartupDeadlineExceeded", "StartupDeadlineExceeded", message)
+        recheck = deadline - waited + 1 if waiting else None
         if held:
             set_condition(status, "Running", False, "Queued", f"{stage} is queued", now)
             return finish("Queued", _condition_message(status, "Queued"))
-        return _running(status, stage, spec.suspend, now, finish)
+        result = _running(status, stage, spec.suspend, now, finish)
+        result.recheck = recheck
+        return result
 
     status["stage"] = ""
     status["completionTime"] = status.get("completionTime") or now

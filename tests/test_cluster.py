@@ -275,6 +275,14 @@ def test_a_ray_rank_stage_is_a_rayjob_the_operator_creates_and_resumes(operator,
     wait_for("RayJob resumed", lambda: get(operator, "rayjob", "-n", "e2e", "ray-rank")["spec"]["suspend"] is False, 60)
     operator.kubectl("delete", "b3job", "ray", "-n", "e2e", "--wait=false")
 
+    # no KubeRay controller: the RayJob never gets its Ray pods, and its startup deadline fails it
+    # (rechecked when due, with no event from any child)
+    apply(operator, b3job("raystuck", **{"rank.workers": 2, "stages.rank.startupDeadlineSeconds": 5}))
+    final = wait_for("RayJob stage failed", lambda: status(operator, "raystuck").get("phase") == "Failed"
+                     and status(operator, "raystuck"), 40)  # fmt: skip
+    assert {c["type"]: c["reason"] for c in final["conditions"]}["Failed"] == "StartupDeadlineExceeded"
+    assert final["message"].startswith("rank: pods not started")
+
 
 # --- Kueue (built from sigs.k8s.io/kueue) admits the stages -------------------------------------
 
@@ -447,17 +455,19 @@ def test_rbac_every_rule_is_used_none_refused_and_each_removal_denies_its_steps(
         assert not can_i(operator, verb, group, resource, worker, OPERATOR_NS)
 
 
-def test_a_finished_b3job_deleted_while_no_operator_runs_goes_at_once(operator, data_volume):
-    """No finalizer on a finished job (the delete handler is optional; kopf keeps a finalizer
-    only while its safety-net timer runs, i.e. while the job runs): with the operator scaled to
-    zero, deleting it does not hang, and the garbage collector takes its children. Last: it
-    stops the operator."""
+def test_b3jobs_deleted_while_no_operator_runs_go_at_once(operator, data_volume):
+    """No finalizer on any B3Job, running or finished (the delete handler is optional and the
+    resync is no kopf timer): with the operator scaled to zero, deleting them does not hang,
+    and the garbage collector takes their children. Last: it stops the operator."""
     apply(operator, b3job("orphan", **{"dataset.columns": {"query": "missing", "positive": "positive"}}))
+    apply(operator, b3job("paused", suspend=True))
     wait_for("it failed", lambda: status(operator, "orphan").get("phase") == "Failed", 240)
-    wait_for("no finalizer", lambda: not get(operator, "b3job", "-n", "e2e", "orphan")["metadata"].get("finalizers"), 30)
+    wait_for("the other suspended", lambda: status(operator, "paused").get("phase") == "Suspended", 60)
+    for name in ("orphan", "paused"):
+        assert not get(operator, "b3job", "-n", "e2e", name)["metadata"].get("finalizers"), name
     operator.kubectl("scale", "deployment", "-n", OPERATOR_NS, "b3-b3-operator", "--replicas=0")
     wait_for("operator gone", lambda: not get(operator, "pods", "-n", OPERATOR_NS, "-l",
                                                 "app.kubernetes.io/name=b3-operator")["items"], 60)  # fmt: skip
-    operator.kubectl("delete", "b3job", "-n", "e2e", "orphan", "--timeout=20s")
+    operator.kubectl("delete", "b3job", "-n", "e2e", "orphan", "paused", "--timeout=20s")
     wait_for("children collected", lambda: not get(operator, "jobs,configmaps", "-n", "e2e",
-                                                      "-l", "b3.dev/job=orphan")["items"], 60)  # fmt: skip
+                                                      "-l", "b3.dev/job in (orphan,paused)")["items"], 60)  # fmt: skip

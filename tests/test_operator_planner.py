@@ -596,3 +596,34 @@ def test_kueue_admission_from_the_workload():
     pending = {"metadata": {"name": "w"}, "spec": {"active": False}, "status": {"conditions": [
         {"type": "QuotaReserved", "status": "False", "reason": "Pending", "message": PENDING[1]}]}}  # fmt: skip
     assert kueue_admission(pending) == {"workload": "w", "workload_active": False, "admission": PENDING}
+
+
+# --- RayJob stages are watched like Jobs; deadlines come back on their own ------------------------
+
+
+def ray_pod(phase: str, waiting: str | None = None) -> dict:
+    statuses = [{"state": {"waiting": {"reason": waiting, "message": "no such image"}}}] if waiting else []
+    return {"metadata": {"name": f"ray-{phase.lower()}"}, "status": {"phase": phase, "containerStatuses": statuses}}
+
+
+def test_a_rayjob_is_started_once_head_and_workers_run_and_stuck_pods_say_why():
+    rayjob = {"metadata": {"name": "job-1-rank"}, "spec": {"rayClusterSpec": {"workerGroupSpecs": [{"replicas": 2}]}},
+              "status": {"jobDeploymentStatus": "Initializing"}}  # fmt: skip
+    assert not rayjob_state(rayjob, None, [], NOW).started  # no KubeRay: no pods at all
+    two = [ray_pod("Running"), ray_pod("Running")]
+    assert not rayjob_state(rayjob, None, two, NOW).started
+    assert rayjob_state(rayjob, None, [*two, ray_pod("Running")], NOW).started
+    stuck = rayjob_state(rayjob, None, [*two, ray_pod("Pending", "ImagePullBackOff")], NOW)
+    assert stuck.problem[0] == "ImagePullBackOff" and "ray-pending" in stuck.problem[1]
+
+
+def test_a_pending_startup_deadline_asks_to_be_rechecked_when_it_falls_due():
+    b = body(stages={"rank": {"startupDeadlineSeconds": 30}}, status={"startTime": NOW,
+             "stages": {"rank": {"startTime": NOW, "child": "job-1-rank"}}})  # fmt: skip
+    waiting = Observed(configmap=True, stages={"rank": child("rank", "Running", started=False)})
+    result = plan(b, waiting, "2026-11-23T10:00:10Z")
+    assert result.status["phase"] == "Ranking" and result.recheck == 21  # 30 - 10 + 1
+    assert plan(b, waiting, "2026-11-23T10:00:31Z").status["phase"] == "Failed"
+    started = Observed(configmap=True, stages={"rank": child("rank", "Running")})
+    assert plan(b, started, "2026-11-23T10:00:10Z").recheck is None
+    assert plan(body(stages={"rank": {"startupDeadlineSeconds": 30}}), Observed(configmap=True), NOW).recheck == 31
