@@ -18,5 +18,5 @@ RUN groupadd --gid 1000 b3 && useradd --uid 1000 --gid 1000 --create-home --shel
 USER 1000
 WORKDIR /home/b3
 EXPOSE 9400 29400
-# the operator sets the command of each stage (python -m b3_jobs.<stage> or torchrun)
+# the operator sets the command of each stage (python -m b3_jobs.<stage>, or b3_jobs.launch: torchrun for training)
 CMD ["b3", "--help"]
