@@ -121,7 +121,7 @@ def train_command(manifest: str) -> int:
         return run_stage("train", manifest)
     import subprocess
 
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+    cmd = [sys.executable, "-m", "b3_jobs.launch", "--standalone",  # torchrun, keeping exit code 2
            f"--nproc-per-node={t.processes_per_node}", "-m", "b3_jobs.train", manifest]  # fmt: skip
     return subprocess.run(cmd, check=False).returncode
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -56,3 +57,20 @@ def test_a_stopped_pod_exits_143_after_its_workers(tmp_path):
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) == 143
     assert sorted(p.name for p in tmp_path.glob("stopped.*")) == ["stopped.0", "stopped.1"]  # each worker saw it
+
+
+def test_b3_train_with_two_processes_exits_2_on_bad_input(tmp_path):
+    """`b3 train` with processesPerNode 2 goes through the launcher too: a missing upstream
+    stage is bad input in both workers, exit 2 with the message (plain torchrun: 1)."""
+    import yaml
+
+    root = Path(__file__).resolve().parents[1]
+    doc = yaml.safe_load((root / "examples" / "quickstart.yaml").read_text())
+    doc["spec"].update(workDir=str(tmp_path / "work"))
+    doc["spec"]["dataset"]["uri"] = str(root / "examples" / "data" / "debian-2k.parquet")
+    doc["spec"]["training"]["processesPerNode"] = 2
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(doc))
+    done = subprocess.run([sys.executable, "-m", "b3.cli", "train", str(tmp_path / "job.yaml")],
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "partition stage output missing" in done.stderr
