@@ -27,6 +27,7 @@ settings that do not change the result keep resuming.
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from functools import cached_property
 from typing import Any
@@ -162,6 +163,13 @@ class Artifacts:
         if not all(root.exists(stage, name) for name in record.get("outputs", [])):
             return None
         return record
+
+    def invalidate(self, stage: str) -> None:
+        """Make the stage run again for this spec (`b3 run --force/--from`): its manifest goes,
+        and for train this config's checkpoints too, so that it trains from the start."""
+        self.begin(stage)
+        if stage == "train" and self.out.local and os.path.isdir(self.checkpoint_root()):
+            shutil.rmtree(self.checkpoint_root())
 
     def begin(self, stage: str) -> None:
         """Call before a stage's first write: from now on nothing vouches for its folder."""

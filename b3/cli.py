@@ -1,7 +1,8 @@
 """The `b3` command: run mining stages from a B3Job manifest and inspect their output.
 
     b3 run       job.yaml     rank, partition, train and eval in order; finished stages are skipped
-    b3 validate  job.yaml     check a manifest, print the resolved spec
+                              (--from STAGE / --force: run that stage and later ones / all again)
+    b3 validate  job.yaml     check a manifest, print a summary (--json: the resolved spec)
     b3 rank      job.yaml     teacher embeddings + top p+m positives per query
     b3 partition job.yaml     METIS communities of clusterSize rows
     b3 inspect   job.yaml     batch hardness: mined vs random batches
@@ -9,6 +10,9 @@
     b3 eval      job.yaml     retrieval metrics on the held-out split: teacher, untrained, trained
     b3 embed     MODEL --input texts.txt --output emb.npy
     b3 schema                 the B3Job spec as a CRD OpenAPI v3 schema (JSON)
+
+Every command that takes a manifest also takes KEY=VALUE overrides of its spec, validated like
+the manifest: `b3 run job.yaml training.steps=100 mining.clusterSize=32`.
 
 Exit codes: 0 done (or already done), 2 bad input (manifest or data; the message names the
 problem and, inside a pod, also goes to the termination log), 143 training stopped by SIGTERM
@@ -19,6 +23,7 @@ message goes to the termination log too).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -27,7 +32,14 @@ from collections.abc import Callable
 
 from b3.data import EXIT_BAD_INPUT, DataError
 from b3.errors import TrainingError, TrainingStopped
-from b3.spec import SpecError, load_manifest, spec_openapi_schema, spec_to_dict
+from b3.spec import (
+    B3Job,
+    SpecError,
+    load_manifest,
+    manifest_to_dict,
+    spec_openapi_schema,
+    spec_to_dict,
+)
 
 log = logging.getLogger("b3")
 
@@ -232,17 +244,26 @@ def eval_command(manifest: str, models: list[str], as_json: bool) -> int:
     return 0
 
 
-def run_command(manifest: str) -> int:
-    """Every stage of a job on this machine, in order, stopping at the first failure."""
+STAGES = ["rank", "partition", "train"]
+
+
+def run_command(manifest: str, start: str | None = None) -> int:
+    """Every stage of a job on this machine, in order, stopping at the first failure; from
+    `start` on, stages run again even when up to date."""
     import time
+
+    from b3.artifacts import Artifacts
 
     job = load_manifest(manifest)
     steps = [("rank", lambda: run_stage("rank", manifest)), ("partition", lambda: run_stage("partition", manifest)),
              ("train", lambda: train_command(manifest))]  # fmt: skip
     if job.spec.dataset.split is not None:
         steps.append(("eval", lambda: eval_command(manifest, [], as_json=False)))
+    forced = STAGES[STAGES.index(start):] if start else []
     timings = []
     for name, step in steps:
+        if name in forced:
+            Artifacts(job.spec).invalidate(name)
         started = time.time()
         code = step()
         timings.append((name, time.time() - started, code))
@@ -254,6 +275,58 @@ def run_command(manifest: str) -> int:
         return timings[-1][2]
     print(f"  model: {os.path.join(job.spec.train_dir, 'train', 'final', 'model')}")
     return 0
+
+
+def effective_manifest(manifest: str, overrides: list[str]) -> str:
+    """The manifest file the stages read: the given one, or with overrides a resolved copy
+    (absolute paths, so it reads the same from anywhere), removed at exit."""
+    if not overrides:
+        return manifest
+    import atexit
+    import tempfile
+
+    import yaml
+
+    job = load_manifest(manifest, overrides)
+    fd, path = tempfile.mkstemp(prefix=f"b3-{job.name}-", suffix=".yaml")
+    with os.fdopen(fd, "w") as f:
+        yaml.safe_dump(manifest_to_dict(job), f, sort_keys=False)
+    atexit.register(_remove, path)
+    return path
+
+
+def _remove(path: str) -> None:
+    with contextlib.suppress(OSError):
+        os.unlink(path)
+
+
+def _print_summary(job: B3Job, overrides: list[str]) -> None:
+    """What `b3 validate` shows: the settings that decide what a run computes."""
+    s, m, t = job.spec, job.spec.mining, job.spec.training
+    columns = s.dataset.columns
+    split = f"bucket {s.dataset.split.test_bucket} of {s.dataset.split.buckets} by {s.dataset.split.key}" if s.dataset.split else "none"
+    length = f"{t.steps} steps" if t.steps is not None else f"{t.epochs or 1} epoch(s)"
+    lora = f"LoRA r={t.lora.r} alpha={t.lora.alpha} on {', '.join(t.lora.target_modules) if t.lora.target_modules else 'the family default'}"
+    rows = [
+        ("dataset", f"{s.dataset.uri} ({s.dataset.format}); query={columns.query} positive={columns.positive} "
+                    f"task={columns.task or '-'} id={columns.id or '-'}"),
+        ("test split", split),
+        ("teacher", f"{s.teacher.model} ({s.teacher.pooling} pooling, maxLength {s.teacher.max_length})"),
+        ("mining", f"p={m.p} m={m.m} clusterSize={m.cluster_size} batchSize={m.batch_size} edges={m.edges} "
+                   f"perTask={str(m.per_task).lower()} mixTasks={str(m.mix_tasks).lower()} hardNegatives={m.hard_negatives}"),
+        ("training", f"{t.student}: {t.sampler} batches, {length}, lr {t.learning_rate}, temperature {t.temperature}, "
+                     f"{lora}; {t.nodes} node(s) x {t.processes_per_node} process(es)"),
+        ("workDir", s.work_dir),
+        ("model", os.path.join(s.train_dir, "train", "final", "model")),
+    ]  # fmt: skip
+    print(f"{job.name}: valid" + (f" (with {' '.join(overrides)})" if overrides else ""))
+    for name, value in rows:
+        print(f"  {name + ':':<12}{value}")
+
+
+def _overrides(cmd: argparse.ArgumentParser) -> None:
+    cmd.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                     help="override a spec field, e.g. training.steps=100 (a YAML value)")  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -270,6 +343,14 @@ def build_parser() -> argparse.ArgumentParser:
     ]:
         cmd = sub.add_parser(name, help=text, description=text)
         cmd.add_argument("manifest", help="B3Job manifest (YAML)")
+        _overrides(cmd)
+        if name == "run":
+            cmd.add_argument("--from", dest="start", choices=STAGES,
+                             help="run this stage and the later ones again, even when up to date "
+                             "(train: from step 0, this config's checkpoints removed)")  # fmt: skip
+            cmd.add_argument("--force", action="store_true", help="run every stage again (--from rank)")
+        if name == "validate":
+            cmd.add_argument("--json", action="store_true", help="print the resolved spec as JSON")
         if name == "inspect":
             cmd.add_argument(
                 "--top-k", type=int, default=None, help="K of H_B^K (default: clusterSize)"
@@ -278,6 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
             cmd.add_argument("--json", action="store_true", help="print JSON instead of a table")
     ev = sub.add_parser("eval", help="retrieval metrics on the held-out split")
     ev.add_argument("manifest", help="B3Job manifest (YAML)")
+    _overrides(ev)
     ev.add_argument(
         "--model", action="append", default=[], metavar="NAME=PATH", help="another model to compare"
     )
@@ -295,7 +377,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # overrides may follow options too (`b3 validate job.yaml --json training.steps=5`)
+    args, extra = parser.parse_known_args(argv)
+    stray = [e for e in extra if e.startswith("-") or "=" not in e or not hasattr(args, "overrides")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -303,6 +392,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "schema":
         print(json.dumps(spec_openapi_schema(), indent=2))
         return 0
+    try:
+        args.manifest = effective_manifest(args.manifest, getattr(args, "overrides", []))
+    except SpecError as err:
+        print(f"{args.command}: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     if args.command in ("rank", "partition"):
         return run_stage(args.command, args.manifest)  # writes the termination log itself
     try:  # bad input is refused here, once, for every command
@@ -316,14 +410,17 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "train":
         return train_command(args.manifest)
     if args.command == "run":
-        return run_command(args.manifest)
+        return run_command(args.manifest, "rank" if args.force else args.start)
     if args.command == "eval":
         return eval_command(args.manifest, args.model, args.json)
     if args.command == "embed":
         return embed_command(args.model, args.input, args.output, args.batch_size, args.max_length)
     job = load_manifest(args.manifest)
-    if args.command == "validate":
+    if args.command == "validate" and args.json:
         print(json.dumps({"name": job.name, "spec": spec_to_dict(job.spec)}, indent=2))
+        return 0
+    if args.command == "validate":
+        _print_summary(job, args.overrides)
         return 0
     from b3.stages import inspect_stage
 

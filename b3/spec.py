@@ -572,8 +572,34 @@ def parse_manifest(doc: Any, base_dir: str | Path = ".") -> B3Job:
     )
 
 
-def load_manifest(path: str | Path) -> B3Job:
-    """Read and validate a B3Job manifest file."""
+def apply_overrides(doc: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """`KEY=VALUE` settings over a manifest document, as `b3 run job.yaml training.steps=100`
+    gives them: KEY is a dotted path in the spec (or starts with spec. or metadata.), VALUE is
+    read as YAML (100, 0.5, true, [query, value], "text"). The result is validated like any
+    manifest, so an unknown key or a bad value is named by the usual error."""
+    doc = copy.deepcopy(doc) if isinstance(doc, dict) else {}
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip(". "):
+            raise SpecError([f"override {item!r}: expected KEY=VALUE, e.g. training.steps=100"])
+        path = key.split(".")
+        if path[0] not in ("spec", "metadata"):
+            path = ["spec", *path]
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            raise SpecError([f"override {key}: {text!r} is not a YAML value ({err})"]) from None
+        node = doc
+        for depth, part in enumerate(path[:-1]):
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise SpecError([f"override {key}: {'.'.join(path[: depth + 1])} is not a mapping"])
+        node[path[-1]] = value
+    return doc
+
+
+def load_manifest(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> B3Job:
+    """Read and validate a B3Job manifest file, with `KEY=VALUE` overrides (apply_overrides)."""
     path = Path(path)
     try:
         text = path.read_text()
@@ -583,7 +609,16 @@ def load_manifest(path: str | Path) -> B3Job:
         doc = yaml.safe_load(text)
     except yaml.YAMLError as err:
         raise SpecError([f"manifest {path}: not valid YAML ({err})"]) from None
+    if overrides:
+        doc = apply_overrides(doc, overrides)
     return parse_manifest(doc, base_dir=path.parent)
+
+
+def manifest_to_dict(job: B3Job) -> dict[str, Any]:
+    """A whole resolved manifest (absolute paths, defaults filled in): what the stage programs
+    read when a command was given overrides."""
+    return {"apiVersion": job.api_version, "kind": job.kind,
+            "metadata": job.metadata.model_dump(exclude_none=True), "spec": spec_to_dict(job.spec)}  # fmt: skip
 
 
 def spec_to_dict(spec: B3JobSpec) -> dict[str, Any]:

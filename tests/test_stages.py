@@ -4,6 +4,7 @@ nothing recomputed after a failure, and exit code 2 for every kind of bad input.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -167,11 +168,58 @@ def test_stage_program_in_a_subprocess_writes_the_termination_log(tmp_path, tiny
     assert "missing column(s) 'task' (task)" in log.read_text()
 
 
-def test_validate_prints_the_resolved_spec(tmp_path, tiny_spec, capsys):
-    assert run("validate", write_manifest(tmp_path, tiny_spec)) == 0
+def test_validate_prints_a_summary_or_the_resolved_spec(tmp_path, tiny_spec, capsys):
+    manifest = write_manifest(tmp_path, tiny_spec)
+    assert run("validate", manifest) == 0
+    summary = capsys.readouterr().out
+    assert summary.startswith("test-job: valid\n") and "clusterSize=4 batchSize=16" in summary
+    assert f"workDir:    {tmp_path / 'work'}" in summary
+    assert run("validate", manifest, "--json") == 0
     resolved = json.loads(capsys.readouterr().out)
     assert resolved["spec"]["workDir"] == str(tmp_path / "work")
     assert load_manifest(tmp_path / "test-job.yaml").spec.mining.cluster_size == 4
+
+
+def test_overrides_change_the_spec_and_are_validated_like_the_manifest(tmp_path, tiny_spec, capsys):
+    manifest = write_manifest(tmp_path, tiny_spec)
+    assert run("validate", manifest, "--json", "training.steps=7", "mining.clusterSize=8",
+               "training.lora.targetModules=[query, value]", "spec.teacher.maxLength=16") == 0  # fmt: skip
+    spec = json.loads(capsys.readouterr().out)["spec"]
+    assert spec["training"]["steps"] == 7 and spec["mining"]["clusterSize"] == 8
+    assert spec["training"]["lora"]["targetModules"] == ["query", "value"] and spec["teacher"]["maxLength"] == 16
+    assert spec["workDir"] == str(tmp_path / "work")  # relative paths still resolve against the manifest
+    for override, named in [("training.stepz=5", "spec.training.stepz: unknown field"),
+                            ("training.steps=-1", "spec.training.steps: Input should be greater than or equal to 1"),
+                            ("mining.clusterSize=5", "clusterSize"),
+                            ("steps", "override 'steps': expected KEY=VALUE"),
+                            ("mining.batchSize.x=1", "spec.mining.batchSize is not a mapping")]:  # fmt: skip
+        for command in ("validate", "run", "rank"):
+            assert run(command, manifest, override) == 2, (command, override)
+            assert named in capsys.readouterr().err, (command, override)
+
+
+def test_overrides_reach_every_stage_and_from_or_force_run_stages_again(tmp_path, tiny_spec, capsys, caplog):
+    """The stages read the overridden spec (the rank stage sees m=8 through its fingerprint);
+    --from partition runs partition and train again, --force all three; train from step 0."""
+    from b3.artifacts import Artifacts
+
+    caplog.set_level(logging.INFO)
+    manifest = write_manifest(tmp_path, tiny_spec)
+    assert run("run", manifest, "mining.m=6", "training.steps=2") == 0
+    job = load_manifest(manifest, ["mining.m=6", "training.steps=2"])
+    artifacts = Artifacts(job.spec)
+    assert all(artifacts.done(stage) for stage in ("rank", "partition", "train"))
+    assert artifacts.done("rank")["inputs"]["mining.m"] == 6
+    assert not Artifacts(load_manifest(manifest).spec).done("rank")  # the file's own spec: not run
+    finished = {s: artifacts.done(s)["started_at"] + str(artifacts.done(s)["seconds"]) for s in ("rank", "partition", "train")}
+    capsys.readouterr()
+    assert run("run", manifest, "mining.m=6", "training.steps=2", "--from", "partition") == 0
+    out = capsys.readouterr().out
+    assert "rank: up to date" in out and "partition: done" in out and "train: done" in out
+    assert artifacts.done("rank")["started_at"] + str(artifacts.done("rank")["seconds"]) == finished["rank"]
+    assert "global batch" in caplog.text and "resumed from" not in caplog.text  # its checkpoints went
+    assert run("run", manifest, "mining.m=6", "training.steps=2", "--force") == 0
+    assert "up to date" not in capsys.readouterr().out
 
 
 @pytest.mark.slow
