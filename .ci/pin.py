@@ -1,6 +1,6 @@
 """Write constraints.txt: the installed version of every package the project's extras pull in.
 
-    python -m pip install torch==2.13.0 -e '.[dev,bench,teacher,operator]'   # then check it works
+    python -m pip install torch==2.13.0 -e '.[dev,bench,teacher,operator,datasets]'   # then check it works
     python .ci/pin.py > constraints.txt
 
 CI and the README's commands install with `-c constraints.txt`, so a new release upstream
@@ -15,7 +15,7 @@ import sys
 from importlib import metadata
 
 ROOT_PACKAGE = "b3-operator"
-EXTRAS = {"dev", "bench", "teacher", "operator"}
+EXTRAS = {"dev", "bench", "teacher", "operator", "datasets"}
 
 
 def _name(requirement: str) -> str:

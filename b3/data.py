@@ -11,6 +11,7 @@ that a query never meets its own positive's duplicates as negatives.
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass
 
 import numpy as np
@@ -71,9 +72,11 @@ def split_bucket(keys: list[str], buckets: int) -> np.ndarray:
     )
 
 
-def _detect_format(path: str, declared: str) -> str:
+def _detect_format(path: str, declared: str, info=None) -> str:
     if declared != "auto":
         return declared
+    if info is not None and info.type.name == "Directory":
+        return "datasets"  # a folder: what `datasets` save_to_disk writes
     name = path.lower().removesuffix(".gz").removesuffix(".zst")
     for ext, fmt in _FORMATS.items():
         if name.endswith(ext):
@@ -97,15 +100,56 @@ def _stat(spec: DatasetSpec):
 
 def dataset_identity(spec: DatasetSpec) -> dict:
     """What says the dataset file is the one a stage read: its size and modification time
-    (a stat, not a read; the URI and columns are spec fields)."""
-    _, _, info = _stat(spec)
+    (a stat, not a read; the URI and columns are spec fields); for a saved Hugging Face
+    dataset, the fingerprint `datasets` keeps of its content and the sizes of its files."""
+    fs, path, info = _stat(spec)
+    if _detect_format(path, spec.format, info) == "datasets":
+        state = _saved_dataset_state(fs, path, spec.uri)
+        files = [f["filename"] for f in state.get("_data_files", [])]
+        return {"fingerprint": state.get("_fingerprint"),
+                "sizes": [fs.get_file_info(f"{path}/{f}").size for f in files]}  # fmt: skip
     return {"size": info.size, "mtime_ns": info.mtime_ns}
+
+
+def _saved_dataset_state(fs, path: str, uri: str) -> dict:
+    """state.json of a folder written by `Dataset.save_to_disk` (a DatasetDict's folder holds
+    one such folder per split instead)."""
+    try:
+        with fs.open_input_stream(f"{path}/state.json") as f:
+            return json.loads(f.read())
+    except (OSError, ValueError):
+        pass
+    try:
+        with fs.open_input_stream(f"{path}/dataset_dict.json") as f:
+            splits = json.loads(f.read()).get("splits", [])
+    except (OSError, ValueError):
+        raise DataError(f"dataset {uri}: a folder, but not one written by datasets' save_to_disk "
+                        "(no state.json)") from None  # fmt: skip
+    raise DataError(f"dataset {uri}: a DatasetDict with splits {', '.join(splits)}; point "
+                    f"dataset.uri at one of them, e.g. {uri.rstrip('/')}/{(splits or ['train'])[0]}")  # fmt: skip
+
+
+def _read_saved_dataset(fs, path: str, uri: str) -> pa.Table:
+    """A dataset saved with `datasets`' save_to_disk, as the Arrow table of its rows (in its
+    order, selections and shuffles applied)."""
+    _saved_dataset_state(fs, path, uri)  # a clear error for a DatasetDict or another folder
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(f"dataset {uri}: a saved Hugging Face dataset; reading it needs the "
+                        "`datasets` package (pip install 'b3-operator[datasets]')") from None  # fmt: skip
+    try:
+        return datasets.load_from_disk(uri).with_format("arrow")[:]
+    except (OSError, ValueError, FileNotFoundError) as err:
+        raise DataError(f"dataset {uri}: unreadable as a saved dataset ({err})") from None
 
 
 def read_table(spec: DatasetSpec) -> pa.Table:
     """The whole file as an Arrow table."""
-    fs, path, _ = _stat(spec)
-    fmt = _detect_format(path, spec.format)
+    fs, path, info = _stat(spec)
+    fmt = _detect_format(path, spec.format, info)
+    if fmt == "datasets":
+        return _read_saved_dataset(fs, path, spec.uri)
     try:
         if fmt == "parquet":
             table = pq.read_table(path, filesystem=fs)

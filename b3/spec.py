@@ -112,11 +112,13 @@ class DatasetSpec(_Model):
     uri: str = Field(
         ...,
         min_length=1,
-        description="Path or URI (file://, s3://, gs://, hdfs://) of the pairs file. "
+        description="Path or URI (file://, s3://, gs://, hdfs://) of the pairs file, or of a "
+        "folder written by Hugging Face datasets' save_to_disk. "
         "Relative paths are resolved against the manifest's folder.",
     )
-    format: Literal["auto", "parquet", "jsonl", "csv"] = Field(
-        "auto", description="File format; auto picks it from the extension."
+    format: Literal["auto", "parquet", "jsonl", "csv", "datasets"] = Field(
+        "auto", description="File format; auto picks it from the extension, and `datasets` for "
+        "a folder written by Hugging Face datasets' save_to_disk (one split's folder).",
     )
     columns: ColumnsSpec = Field(default_factory=ColumnsSpec)
     split: SplitSpec | None = Field(

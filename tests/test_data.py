@@ -152,3 +152,52 @@ def test_unreadable_missing_and_unknown_files(tmp_path):
     with pytest.raises(DataError, match="no test split"):
         pq.write_table(make_pairs(20), tmp_path / "p.parquet")
         load_pairs(spec_for(tmp_path / "p.parquet"), 8, "test")
+
+
+# --- datasets input: a folder written by Dataset.save_to_disk ---------------------------------
+
+
+def test_a_saved_hugging_face_dataset_loads_like_the_file(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    table = make_pairs(60)
+    pq.write_table(table, tmp_path / "p.parquet")
+    ds = datasets.Dataset(table)
+    ds.save_to_disk(str(tmp_path / "ds"))
+    split = {"key": "id", "buckets": 5, "testBucket": 0}
+    for which in ("train", "test"):
+        from_file = load_pairs(spec_for(tmp_path / "p.parquet", split=split), 4, which)
+        from_folder = load_pairs(spec_for(tmp_path / "ds", split=split), 4, which)
+        assert from_folder.ids.tolist() == from_file.ids.tolist()
+        assert from_folder.queries.tolist() == from_file.queries.tolist()
+        assert from_folder.tasks.tolist() == from_file.tasks.tolist()
+    # renamed columns map like a file's; a selection saved as such is honoured
+    ds.rename_column("query", "question").select(range(30, 60)).save_to_disk(str(tmp_path / "renamed"))
+    pairs = load_pairs(spec_for(tmp_path / "renamed", columns={**COLUMNS, "query": "question"}, format="datasets"), 4)
+    assert pairs.queries.tolist() == table.column("query").to_pylist()[30:]
+
+
+def test_bad_saved_datasets_are_refused_naming_the_problem(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    ds = datasets.Dataset(make_pairs(20))
+    ds.remove_columns("positive").save_to_disk(str(tmp_path / "nopos"))
+    with pytest.raises(DataError, match="missing column.*'positive' \\(positive\\)"):
+        load_pairs(spec_for(tmp_path / "nopos"), 4)
+    datasets.DatasetDict({"train": ds, "test": ds}).save_to_disk(str(tmp_path / "dict"))
+    with pytest.raises(DataError, match=f"a DatasetDict with splits train, test; point dataset.uri at one of them, e.g. {tmp_path}/dict/train"):
+        load_pairs(spec_for(tmp_path / "dict"), 4)
+    assert len(load_pairs(spec_for(tmp_path / "dict" / "train"), 4)) == 20
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(DataError, match="not one written by datasets' save_to_disk"):
+        load_pairs(spec_for(tmp_path / "folder"), 4)
+
+
+def test_a_saved_datasets_identity_follows_its_content(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    from b3.data import dataset_identity
+
+    datasets.Dataset(make_pairs(20)).save_to_disk(str(tmp_path / "a"))
+    first = dataset_identity(spec_for(tmp_path / "a"))
+    assert dataset_identity(spec_for(tmp_path / "a")) == first
+    changed = datasets.load_from_disk(str(tmp_path / "a")).map(lambda row: {"query": row["query"] + "!"})
+    changed.save_to_disk(str(tmp_path / "b"))
+    assert dataset_identity(spec_for(tmp_path / "b"))["fingerprint"] != first["fingerprint"]

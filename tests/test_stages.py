@@ -392,3 +392,16 @@ def test_stage_pods_serve_progress_partition_quality_and_hardness(tmp_path, tiny
     b3 = samples[("b3_batch_hardness", (("b3job", "test-job"), ("batches", "b3")))]
     rnd = samples[("b3_batch_hardness", (("b3job", "test-job"), ("batches", "random")))]
     assert b3 > rnd  # mined batches are harder by the teacher's measure
+
+
+def test_a_saved_hugging_face_dataset_mines_like_its_parquet_file(tmp_path, tiny_spec, pairs_path):
+    datasets = pytest.importorskip("datasets")
+    datasets.Dataset(pq.read_table(pairs_path)).save_to_disk(str(tmp_path / "saved"))
+    from_file = write_manifest(tmp_path, {**tiny_spec, "workDir": "file"}, "file")
+    from_folder = write_manifest(tmp_path, {**tiny_spec, "workDir": "folder",
+                                            "dataset": {**tiny_spec["dataset"], "uri": "saved"}}, "folder")  # fmt: skip
+    for manifest in (from_file, from_folder):
+        assert run("rank", manifest) == 0 and run("partition", manifest) == 0
+    clusters = [pq.read_table(tmp_path / w / "partition" / "clusters.parquet") for w in ("file", "folder")]
+    assert clusters[0].equals(clusters[1])
+    assert run("rank", from_folder) == 0  # its identity is stable: up to date
