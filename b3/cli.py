@@ -138,30 +138,46 @@ def train_command(manifest: str) -> int:
     return subprocess.run(cmd, check=False).returncode
 
 
-def embed_command(
-    model: str, input_path: str, output: str, batch_size: int, max_length: int
-) -> int:
-    """Embed one text per line of `input_path` with a trained (or any) model; save .npy."""
+def _st_config(model: str, name: str) -> dict:
+    path = os.path.join(model, name)
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
+def embed_command(model: str, input_path: str, output: str, batch_size: int,
+                  max_length: int | None, prompt_name: str | None) -> int:  # fmt: skip
+    """Embed one text per line of `input_path` with a trained (or any) model; save .npy. A
+    sentence-transformers folder's pooling, max length and prompts apply as
+    `SentenceTransformer(model).encode(texts, prompt_name=...)` would apply them."""
     import numpy as np
 
     from b3.teacher import ST_POOLING_KEYS, TextEncoder
 
-    pooling = "mean"
-    pooling_config = os.path.join(model, "1_Pooling", "config.json")
-    if os.path.exists(pooling_config):
-        with open(pooling_config) as f:
-            modes = json.load(f)
-        pooling = next((name for name, key in ST_POOLING_KEYS.items() if modes.get(key)), "mean")
+    modes = _st_config(model, os.path.join("1_Pooling", "config.json"))
+    pooling = next((name for name, key in ST_POOLING_KEYS.items() if modes.get(key)), "mean")
+    if max_length is None:
+        max_length = _st_config(model, "sentence_bert_config.json").get("max_seq_length", 128)
+    config = _st_config(model, "config_sentence_transformers.json")
+    prompts = config.get("prompts") or {}
+    prompt_name = prompt_name or config.get("default_prompt_name")
+    if prompt_name is not None and prompt_name not in prompts:
+        print(f"embed: --prompt-name {prompt_name!r}: the model has prompts "
+              f"{', '.join(prompts) or 'none'}", file=sys.stderr)  # fmt: skip
+        return EXIT_BAD_INPUT
+    prompt = prompts.get(prompt_name, "") if prompt_name else ""
     with open(input_path) if input_path != "-" else sys.stdin as f:
         texts = [line.rstrip("\n") for line in f if line.strip()]
     if not texts:
         print(f"embed: {input_path} holds no text", file=sys.stderr)
         return EXIT_BAD_INPUT
-    emb = TextEncoder(model, pooling=pooling, max_length=max_length, batch_size=batch_size).encode(
-        texts
-    )
+    encoder = TextEncoder(model, pooling=pooling, max_length=max_length, batch_size=batch_size)
+    emb = encoder.encode([prompt + text for text in texts])
     np.save(output, emb)
-    print(f"embed: {len(texts)} texts -> {output} ({emb.shape[1]} dims, {pooling} pooling)")
+    used = f", prompt {prompt_name!r}" if prompt_name else ""
+    print(f"embed: {len(texts)} texts -> {output} ({emb.shape[1]} dims, {pooling} pooling, "
+          f"max length {max_length}{used})")  # fmt: skip
     return 0
 
 
@@ -231,6 +247,8 @@ def eval_command(manifest: str, models: list[str], as_json: bool) -> int:
     }
     if artifacts.work.local:
         artifacts.work.write_json(report, "eval", "results.json")
+    if trained is not None:  # the model card carries the table
+        _add_eval_to_card(trained, report)
     if as_json:
         print(json.dumps(report, indent=2))
         return 0
@@ -245,6 +263,21 @@ def eval_command(manifest: str, models: list[str], as_json: bool) -> int:
 
 
 STAGES = ["rank", "partition", "train"]
+
+
+def _add_eval_to_card(model: str, report: dict) -> None:
+    """Replace the Evaluation section of the trained model's README.md with `report`'s table."""
+    from b3.model_card import eval_table
+    from b3.storage import WorkDir
+
+    path = os.path.join(model, "README.md")
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        card = f.read()
+    head, found, _ = card.partition("## Evaluation\n")
+    if found:
+        WorkDir(model).write_bytes((head + found + "\n" + eval_table(report) + "\n").encode(), "README.md")
 
 
 def run_command(manifest: str, start: str | None = None) -> int:
@@ -371,7 +404,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     embed.add_argument("--output", required=True, help="where to save the (n, d) float32 .npy")
     embed.add_argument("--batch-size", type=int, default=64)
-    embed.add_argument("--max-length", type=int, default=128)
+    embed.add_argument("--max-length", type=int, default=None,
+                       help="tokens per text (default: the folder's max_seq_length, else 128)")
+    embed.add_argument("--prompt-name", default=None,
+                       help="a prompt of the folder's config_sentence_transformers.json, e.g. query "
+                       "(default: its default_prompt_name)")  # fmt: skip
     sub.add_parser("schema", help="print the spec's OpenAPI v3 schema (for the CRD)")
     return parser
 
@@ -393,7 +430,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(spec_openapi_schema(), indent=2))
         return 0
     try:
-        args.manifest = effective_manifest(args.manifest, getattr(args, "overrides", []))
+        if hasattr(args, "manifest"):
+            args.manifest = effective_manifest(args.manifest, args.overrides)
     except SpecError as err:
         print(f"{args.command}: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -414,7 +452,8 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "eval":
         return eval_command(args.manifest, args.model, args.json)
     if args.command == "embed":
-        return embed_command(args.model, args.input, args.output, args.batch_size, args.max_length)
+        return embed_command(args.model, args.input, args.output, args.batch_size, args.max_length,
+                             args.prompt_name)  # fmt: skip
     job = load_manifest(args.manifest)
     if args.command == "validate" and args.json:
         print(json.dumps({"name": job.name, "spec": spec_to_dict(job.spec)}, indent=2))

@@ -90,10 +90,11 @@ def build_student(
     return EmbeddingModel(backbone, tokenizer, pooling, max_length)
 
 
-def export_sentence_transformer(student: EmbeddingModel, folder: str) -> None:
+def export_sentence_transformer(student: EmbeddingModel, folder: str, prompts: dict[str, str] | None = None) -> None:
     """Write a merged model folder: transformers weights + tokenizer + sentence-transformers
     modules (Transformer -> Pooling -> Normalize), so `SentenceTransformer(folder)` embeds
-    exactly like the trained student."""
+    exactly like the trained student; with the training `prompts` (sentence-transformers
+    names: `query`, `document`, ...), which `encode_query` / `encode_document` apply."""
     backbone = student.backbone
     if hasattr(backbone, "merge_and_unload"):
         import copy
@@ -122,7 +123,10 @@ def export_sentence_transformer(student: EmbeddingModel, folder: str) -> None:
         ],
         "sentence_bert_config.json": {"max_seq_length": student.max_length, "do_lower_case": False},
         "1_Pooling/config.json": {"word_embedding_dimension": dim, **pooling},
-        "config_sentence_transformers.json": {"similarity_fn_name": "cosine"},
+        "config_sentence_transformers.json": {
+            "model_type": "SentenceTransformer", "prompts": dict(prompts or {}),
+            "default_prompt_name": None, "similarity_fn_name": "cosine",
+        },  # fmt: skip
     }
     for name, content in files.items():
         os.makedirs(os.path.dirname(os.path.join(folder, name)), exist_ok=True)

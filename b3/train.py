@@ -44,6 +44,7 @@ from b3.false_negatives import TeacherScoreFilter, TopPFilter
 from b3.loss import CachedInfoNCELoss, InfoNCELoss
 from b3.metrics import TrainMetrics
 from b3.model import EmbeddingModel, build_student, export_sentence_transformer
+from b3.model_card import model_card, st_prompts
 from b3.spec import B3Job, spec_to_dict
 from b3.stages import read_embeddings, read_topk
 from b3.storage import fsync_dir
@@ -281,6 +282,7 @@ class Trainer:
             [pp + p for (_, pp), p in zip(prompts, pairs.positives, strict=True)],
         )
         self.positive_group = pairs.positive_group
+        self.data_summary = {"rows": len(pairs), "tasks": len(set(pairs.tasks.tolist()))}
         groups = clusters.column("group").to_numpy(zero_copy_only=False)
         common = dict(batch_size=mining.batch_size, groups=groups, mix_tasks=mining.mix_tasks, seed=mining.seed,
                       drop_last=True, rank=self.dist.rank, world_size=self.dist.world)  # fmt: skip
@@ -522,7 +524,12 @@ class Trainer:
         shutil.rmtree(tmp, ignore_errors=True)
         try:
             self.student.backbone.save_pretrained(os.path.join(tmp, "adapter"))
-            export_sentence_transformer(self.student, os.path.join(tmp, "model"))
+            prompts = st_prompts(self.spec.dataset.prompts)
+            export_sentence_transformer(self.student, os.path.join(tmp, "model"), prompts)
+            card = model_card(self.job, {**self.data_summary, "steps": self.step, "epochs": self.epoch,
+                                         "world": self.dist.world}, prompts)  # fmt: skip
+            with open(os.path.join(tmp, "model", "README.md"), "w") as f:
+                f.write(card)
             _fsync_tree(tmp)
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)

@@ -345,3 +345,47 @@ def test_false_negatives_without_gathering_train_on_two_processes(mined):
     local, hard = batch[len(batch) // 2 :], trainer.hard.sample(batch, 0, 0)
     assert data[0]["mask"].shape == (len(local), len(local) + len(hard) // 2)
     assert main(["train", manifest]) == 0
+
+
+def test_the_export_carries_its_prompts_and_a_model_card_with_the_eval_table(tmp_path, tiny_spec, capsys):
+    """`b3 run` with prompts and a held-out split: SentenceTransformer(model) encodes with the
+    training prompts by name (encode_query = `b3 embed --prompt-name query`), max length and
+    similarity come along, and README.md is a model card that `b3 eval` completed."""
+    st = pytest.importorskip("sentence_transformers")
+    import json
+
+    spec = {**tiny_spec, "training": {"student": tiny_spec["teacher"]["model"], "steps": 2, "maxLength": 24,
+                                      "lora": {"targetModules": ["query", "value"]}},
+            "dataset": {**tiny_spec["dataset"], "split": {"key": "id", "buckets": 4, "testBucket": 0},
+                        "prompts": {"query": "query: ", "positive": "passage: ",
+                                    "byTask": {"t1": {"query": "t1 query: "}}}}}  # fmt: skip
+    manifest = write_manifest(tmp_path, spec, "prompted")
+    assert main(["run", str(manifest)]) == 0
+    model_dir = tmp_path / "work" / "train" / "final" / "model"
+    config = json.loads((model_dir / "config_sentence_transformers.json").read_text())
+    assert config["prompts"] == {"query": "query: ", "document": "passage: ", "query_t1": "t1 query: ",
+                                 "document_t1": "passage: "}  # fmt: skip
+    assert config["similarity_fn_name"] == "cosine" and config["default_prompt_name"] is None
+    model = st.SentenceTransformer(str(model_dir), device="cpu")
+    assert model.max_seq_length == 24
+    texts = ["tool for parsing fonts", "audio driver module"]
+    (tmp_path / "texts.txt").write_text("\n".join(texts) + "\n")
+    for name, theirs in [("query", model.encode_query(texts)), ("document", model.encode_document(texts)),
+                         ("query_t1", model.encode(texts, prompt_name="query_t1"))]:  # fmt: skip
+        assert main(["embed", str(model_dir), "--input", str(tmp_path / "texts.txt"),
+                     "--output", str(tmp_path / f"{name}.npy"), "--prompt-name", name]) == 0  # fmt: skip
+        np.testing.assert_allclose(np.load(tmp_path / f"{name}.npy"), theirs, atol=1e-5)
+    plain = model.encode(texts)
+    assert np.abs(plain - np.load(tmp_path / "query.npy")).max() > 1e-4  # the prompt mattered
+    assert main(["embed", str(model_dir), "--input", str(tmp_path / "texts.txt"), "--output",
+                 str(tmp_path / "x.npy"), "--prompt-name", "passage"]) == 2  # fmt: skip
+    assert "the model has prompts query, document, query_t1, document_t1" in capsys.readouterr().err
+
+    card = (model_dir / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: sentence-transformers\n")
+    assert "LoRA r=8, alpha=16, dropout=0.05 on query, value" in card and "p=2 (skipped top ranks), m=8" in card
+    assert "| `query_t1` | `t1 query: ` |" in card and "2 steps" in card
+    results = json.loads((tmp_path / "work" / "eval" / "results.json").read_text())
+    trained = results["models"]["student (trained)"]
+    assert f"| student (trained) | {trained['ndcg@10']:.4f} |" in card  # b3 eval's own numbers
+    assert "Not evaluated yet" not in card
