@@ -37,12 +37,13 @@ from safetensors.torch import load_file
 from transformers import get_linear_schedule_with_warmup
 
 from b3.artifacts import Artifacts
-from b3.batches import B3BatchSampler, HardNegativeSampler, RandomBatchSampler
-from b3.data import DataError, load_pairs
+from b3.batches import HardNegativeSampler
+from b3.data import DataError
 from b3.errors import TrainingError, TrainingStopped
 from b3.false_negatives import TeacherScoreFilter, TopPFilter
 from b3.loss import CachedInfoNCELoss, InfoNCELoss
 from b3.metrics import TrainMetrics
+from b3.mined import MinedRows
 from b3.model import EmbeddingModel, build_student, export_sentence_transformer
 from b3.model_card import model_card, st_prompts
 from b3.spec import B3Job, spec_to_dict
@@ -269,35 +270,18 @@ class Trainer:
 
     def _setup_data(self) -> None:
         spec, mining = self.spec, self.spec.mining
-        pairs = load_pairs(spec.dataset, min_rows=mining.batch_size)
-        clusters = self.work.read_parquet("partition", "clusters.parquet")
-        if clusters.column("id").to_pylist() != pairs.ids.tolist():
-            raise DataError(
-                f"{self.work.path('partition', 'clusters.parquet')} does not match dataset {spec.dataset.uri} "
-                "(rows differ); run `b3 rank` and `b3 partition` again"
-            )
-        prompts = [spec.dataset.prompts.for_task(task) for task in pairs.tasks]
-        self.texts = (
-            [qp + q for (qp, _), q in zip(prompts, pairs.queries, strict=True)],
-            [pp + p for (_, pp), p in zip(prompts, pairs.positives, strict=True)],
-        )
-        self.positive_group = pairs.positive_group
-        self.data_summary = {"rows": len(pairs), "tasks": len(set(pairs.tasks.tolist()))}
-        groups = clusters.column("group").to_numpy(zero_copy_only=False)
-        common = dict(batch_size=mining.batch_size, groups=groups, mix_tasks=mining.mix_tasks, seed=mining.seed,
-                      drop_last=True, rank=self.dist.rank, world_size=self.dist.world)  # fmt: skip
-        if spec.training.sampler == "b3":
-            self.sampler = B3BatchSampler(clusters.column("cluster").to_numpy(), **common)
-        else:
-            self.sampler = RandomBatchSampler(len(groups), **common)
+        rows = MinedRows.load(spec, self.work)
+        self.texts = (rows.queries, rows.positives)
+        self.positive_group = rows.pairs.positive_group
+        self.data_summary = {"rows": len(rows.pairs), "tasks": len(set(rows.pairs.tasks.tolist()))}
+        self.sampler = rows.batch_sampler(spec, self.dist.rank, self.dist.world)
         self.hard = self.false_negatives = None
         rule = spec.training.false_negatives
         if mining.hard_negatives > 0 or rule == "top-p":
             topk, neighbors = read_topk(self.work, ["skip", "window"])
             skip = topk.column("skip").to_numpy()
         if mining.hard_negatives > 0:
-            self.hard = HardNegativeSampler(neighbors, skip, topk.column("window").to_numpy(),
-                                            self.positive_group, mining.hard_negatives, groups, mining.seed)  # fmt: skip
+            self.hard = rows.hard_negatives(spec, topk, neighbors)
         if rule == "top-p":
             self.false_negatives = TopPFilter(neighbors, skip)
         elif rule == "teacher":
