@@ -111,6 +111,7 @@ def status_schema() -> dict[str, Any]:
                     "type": "object",
                     "properties": {
                         "startTime": time,
+                        "attemptStartTime": {**time, "description": "train: when the current gang started (after a restart)"},
                         "completionTime": time,
                         "child": {"type": "string"},
                     },

@@ -462,7 +462,8 @@ def plan(body: dict[str, Any], observed: Observed, now: str) -> Plan:
                                       restarts=restarts)  # fmt: skip
         name = manifest["metadata"]["name"]
         actions.append(Action("create", "Job", name, manifest))
-        stages["train"]["child"], status["restarts"] = name, restarts
+        stages["train"].update(child=name, attemptStartTime=now)  # its pods' startup deadline counts from now
+        status["restarts"] = restarts
         used = (f"restart {restarts} of {spec.training.max_restarts}" if counted
                 else "a disruption: not counted")  # fmt: skip
         events.append(("Warning", "TrainingRestarted",
@@ -527,7 +528,7 @@ def plan(body: dict[str, Any], observed: Observed, now: str) -> Plan:
         if stage == "train" and observed.training is not None:
             status["training"] = training_progress(status.get("training"), observed.training, now)
         deadline = getattr(spec.stages, stage).startup_deadline_seconds
-        waited = seconds_between(record.get("startTime") or now, now)
+        waited = seconds_between(record.get("attemptStartTime") or record.get("startTime") or now, now)
         waiting = deadline is not None and not child.started and not spec.suspend
         if waiting and waited > deadline:
             why = f": {child.problem[1]}" if child.problem else ""

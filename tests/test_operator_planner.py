@@ -627,3 +627,16 @@ def test_a_pending_startup_deadline_asks_to_be_rechecked_when_it_falls_due():
     started = Observed(configmap=True, stages={"rank": child("rank", "Running")})
     assert plan(b, started, "2026-11-23T10:00:10Z").recheck is None
     assert plan(body(stages={"rank": {"startupDeadlineSeconds": 30}}), Observed(configmap=True), NOW).recheck == 31
+
+
+def test_a_restarted_gang_gets_its_own_startup_deadline():
+    b = body(stages={"train": {"startupDeadlineSeconds": 60}}, status={"startTime": NOW,
+             "stages": {"rank": {"completionTime": NOW}, "partition": {"completionTime": NOW},
+                        "train": {"startTime": NOW, "child": "job-1-train"}}})  # fmt: skip
+    result, actions, _ = run(b, failed_gang(exit_codes=(1,)), LATER)  # an hour into training
+    assert actions == [("create", "Job", "job-1-r1")]
+    assert result.status["stages"]["train"]["attemptStartTime"] == LATER
+    obs = observed(**TRAINING)
+    obs.stages["train"] = ChildState("Job", "job-1-r1", "Running", attempt=1, restarts=1, started=False)
+    again = plan({**b, "status": result.status}, obs, "2026-11-23T11:00:30Z")
+    assert again.status["phase"] == "Training" and again.recheck == 31  # not failed: 30 s of 60
