@@ -103,7 +103,7 @@ def dataset_identity(spec: DatasetSpec) -> dict:
     (a stat, not a read; the URI and columns are spec fields); for a saved Hugging Face
     dataset, the fingerprint `datasets` keeps of its content and the sizes of its files."""
     fs, path, info = _stat(spec)
-    if _detect_format(path, spec.format, info) == "datasets":
+    if spec.format == "datasets" or (spec.format == "auto" and info.type.name == "Directory"):
         state = _saved_dataset_state(fs, path, spec.uri)
         files = [f["filename"] for f in state.get("_data_files", [])]
         return {"fingerprint": state.get("_fingerprint"),
