@@ -48,7 +48,7 @@ _TEACHER = ["teacher.model", "teacher.pooling", "teacher.maxLength", "teacher.dt
             "teacher.usePrompts"]  # fmt: skip
 _MINING_GROUPS = ["mining.p", "mining.m", "mining.perTask", "mining.minTaskSize",
                   "mining.batchSize"]  # fmt: skip
-_PARTITION = ["mining.clusterSize", "mining.seed", "mining.edges"]
+_PARTITION = ["mining.clusterSize", "mining.seed", "mining.edges", "mining.partitioner"]
 # The trainer reads all of `training` except how the same computation is laid out over
 # processes and memory, or how often it is saved: those may change and keep resuming.
 TRAINING_LAYOUT = {"nodes", "processesPerNode", "miniBatchSize", "gradientCheckpointing",

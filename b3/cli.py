@@ -4,7 +4,7 @@
                               (--from STAGE / --force: run that stage and later ones / all again)
     b3 validate  job.yaml     check a manifest, print a summary (--json: the resolved spec)
     b3 rank      job.yaml     teacher embeddings + top p+m positives per query
-    b3 partition job.yaml     METIS communities of clusterSize rows
+    b3 partition job.yaml     communities of clusterSize rows (KaMinPar or METIS)
     b3 inspect   job.yaml     batch hardness: mined vs random batches
     b3 train     job.yaml     LoRA training on the mined batches (torchrun when several processes)
     b3 eval      job.yaml     retrieval metrics on the held-out split: teacher, untrained, trained
@@ -370,7 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("run", "run rank, partition, train and eval in order (finished stages are skipped)"),
         ("validate", "check a manifest and print the resolved spec"),
         ("rank", "embed with the teacher and rank positives per query"),
-        ("partition", "partition the rank graph into communities with METIS"),
+        ("partition", "partition the rank graph into communities (KaMinPar or METIS)"),
         ("inspect", "compare batch hardness of mined and random batches"),
         ("train", "train the student with LoRA on the mined batches"),
     ]:

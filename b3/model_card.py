@@ -64,7 +64,7 @@ def model_card(job: B3Job, train: dict, prompts: dict[str, str], evaluation: dic
         f"A sentence embedding model fine-tuned from `{t.student}` with LoRA on {batches}, by "
         "b3-operator (B3, *Breaking the Batch "
         "Barrier*, Thirukovalluru et al., 2025): a teacher ranks every positive for every query, "
-        "ranks [p, p+m) become a graph, METIS cuts it into communities of K rows, and each batch "
+        "ranks [p, p+m) become a graph, a partitioner cuts it into communities of K rows, and each batch "
         "is |B|/K communities, so that its members are strong negatives for one another.",
         "## Usage\n\n```python\nfrom sentence_transformers import SentenceTransformer\n\n"
         f'model = SentenceTransformer("path/to/model")\n{usage_prompts}\n```',

@@ -179,7 +179,7 @@ class MiningSpec(_Model):
         30, ge=0, description="Top teacher ranks skipped as likely false negatives (paper's p)."
     )
     m: int = Field(100, ge=1, description="Ranks kept after the skipped ones (paper's m).")
-    cluster_size: int = Field(32, ge=2, description="Community size K that METIS aims for.")
+    cluster_size: int = Field(32, ge=2, description="Community size K (the partitioner gives exactly K).")
     batch_size: int = Field(
         64, ge=2, description="Global batch size |B|; a multiple of clusterSize."
     )
@@ -189,6 +189,12 @@ class MiningSpec(_Model):
     edges: Literal["mutual", "union"] = Field(
         "mutual",
         description="Keep an edge i-j when both rank each other (mutual) or either does (union).",
+    )
+    partitioner: Literal["kaminpar", "metis"] = Field(
+        "kaminpar",
+        description="Graph partitioner: kaminpar (KaMinPar, one thread, exact block sizes; 3x faster "
+        "than METIS at 1M rows with an 11% lower edge cut in bench/partition_scale.py; wheels for "
+        "Linux and macOS arm64) or metis (pymetis).",
     )
     min_task_size: int | None = Field(
         None,

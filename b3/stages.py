@@ -15,6 +15,7 @@ Artifacts (the layout is `b3.artifacts`'):
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import time
 
@@ -32,7 +33,7 @@ from b3.hardness import batch_hardness
 from b3.progress import progress
 from b3.ranking import assign_mining_groups, clamp_window, rank_groups
 from b3.raycluster import use_ray
-from b3.spec import B3Job
+from b3.spec import B3Job, SpecError
 from b3.storage import WorkDir
 from b3.teacher import embed_texts, pick_device
 
@@ -192,7 +193,7 @@ def read_topk(work: WorkDir, columns: list[str] | None = None) -> tuple[pa.Table
 
 
 def partition_stage(job: B3Job) -> dict:
-    """Cut each group's S-graph into communities of clusterSize rows with METIS."""
+    """Cut each group's S-graph into communities of clusterSize rows (METIS or KaMinPar)."""
     spec, started = job.spec, time.time()
     artifacts = Artifacts(spec)
     work = artifacts.work
@@ -201,6 +202,9 @@ def partition_stage(job: B3Job) -> dict:
         return {**done, "skipped": True}
     artifacts.require("rank")
     mining = spec.mining
+    if mining.partitioner == "kaminpar" and importlib.util.find_spec("kaminpar") is None:
+        raise SpecError(["mining.partitioner: kaminpar is not installed here (its wheels cover Linux and "
+                         "macOS arm64): pip install kaminpar, or set mining.partitioner: metis"])  # fmt: skip
     artifacts.begin("partition")
 
     meta = ["row", "id", "task", "group", "positive_group", "skip", "window"]
@@ -211,8 +215,8 @@ def partition_stage(job: B3Job) -> dict:
     skip = table.column("skip").to_numpy()
     window = table.column("window").to_numpy()
     clusters = np.empty(n, dtype=np.int64)
-    s_inside = s_total = cut = metis_cut = edges = next_id = 0
-    metis_seconds = 0.0
+    s_inside = s_total = cut = partitioner_cut = edges = next_id = 0
+    partitioner_seconds = 0.0
     with progress(n, "partition", unit="row") as bar:
         for g in range(len(group_names)):
             rows = np.flatnonzero(of_row == g)
@@ -225,11 +229,9 @@ def partition_stage(job: B3Job) -> dict:
                 local[rows] = np.arange(len(rows))
                 s = np.where(s >= 0, local[np.maximum(s, 0)], -1)
             graph = graphs.build_graph(s, mutual=mining.edges == "mutual")
-            metis_started = time.perf_counter()
-            labels, g_metis_cut = graphs.metis_parts(
-                graph, -(-len(rows) // mining.cluster_size), mining.seed
-            )
-            metis_seconds += time.perf_counter() - metis_started
+            partitioner_started = time.perf_counter()
+            labels, g_cut = graphs.PARTITIONERS[mining.partitioner](graph, mining.cluster_size, mining.seed)
+            partitioner_seconds += time.perf_counter() - partitioner_started
             comm = graphs.rebalance(labels, graph, mining.cluster_size, mining.seed)
             clusters[rows] = comm + next_id
             next_id += int(comm.max()) + 1
@@ -239,7 +241,7 @@ def partition_stage(job: B3Job) -> dict:
             )  # comm[-1] is masked by valid
             s_total += int(valid.sum())
             cut += graphs.edge_cut(graph, comm)
-            metis_cut += g_metis_cut
+            partitioner_cut += g_cut
             edges += graph.edges
             bar.update(len(rows))
 
@@ -258,9 +260,10 @@ def partition_stage(job: B3Job) -> dict:
         "graph_edges": edges,
         "edges": mining.edges,
         "edge_cut": cut,
-        "metis_edge_cut": metis_cut,
+        "partitioner": mining.partitioner,
+        "partitioner_edge_cut": partitioner_cut,  # before rebalancing to exactly K
         "edge_cut_share": cut / edges if edges else 0.0,
-        "metis_seconds": round(metis_seconds, 3),
+        "partitioner_seconds": round(partitioner_seconds, 3),
         "s_edges_inside_share": s_inside / s_total if s_total else 0.0,
     }
     out = pa.table(

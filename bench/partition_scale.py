@@ -1,20 +1,19 @@
-"""What does our partition stage cost beyond METIS itself, from 10k to 1M nodes?
+"""The partition stage with METIS against KaMinPar (`mining.partitioner`), 10k to 1M nodes.
 
 For each N, a synthetic rank output with m = 100 kept neighbours per row is written to a
 work directory: rows belong to planted topics of 200, and list 70% topic-mates and 30% random
-rows, like a teacher's ranking of a clustered corpus. Then, each in a fresh process so that
-peak memory is its own:
-
-  stage:  `b3.stages.partition_stage` end to end (read topk.parquet, build the mutual graph,
-          METIS, rebalance to exactly K, stats, write clusters.parquet)
-  metis:  `pymetis.part_graph` alone on the same graph (built before the clock starts)
+rows, like a teacher's ranking of a clustered corpus. Then `b3.stages.partition_stage` runs
+end to end (read topk.parquet, build the mutual graph, partition, rebalance to exactly K,
+stats, write clusters.parquet) once per partitioner, each in a fresh process so that peak
+memory is its own; below 1M nodes each partitioner runs twice, and the two clusters.parquet
+must be identical (deterministic for a seed).
 
     python bench/partition_scale.py                 # N = 10k, 100k, 1M; K = 32
     python bench/partition_scale.py --sizes 10000   # one size
 
-Prints JSON with seconds, overhead = stage / metis - 1, the same with the METIS call timed
-inside the stage run (METIS's own time varies by +-10% between runs at 1M nodes), and peak RSS
-of each process.
+Prints and saves JSON: per N and partitioner the stage's seconds, the partitioner's own
+seconds inside it, peak RSS, the partitioner's edge cut, the edge cut after rebalancing to
+exactly K, how many communities hold exactly K rows; and kaminpar / metis ratios.
 """
 
 from __future__ import annotations
@@ -49,13 +48,14 @@ def synthetic_window(n: int, m: int, seed: int) -> np.ndarray:
     return np.where(rng.random((n, m)) < 0.7, own, random)
 
 
-def bench_spec(work: str, m: int, k: int):
+def bench_spec(work: str, m: int, k: int, partitioner: str = "metis"):
     """The job whose partition stage the bench runs: one mining group, S = the m neighbours."""
     from b3.spec import parse_spec
 
     return parse_spec({
         "dataset": {"uri": os.path.join(work, "pairs.parquet")}, "workDir": work,
-        "mining": {"p": 0, "m": m, "clusterSize": k, "batchSize": k * 2, "perTask": False, "mixTasks": True},
+        "mining": {"p": 0, "m": m, "clusterSize": k, "batchSize": k * 2, "perTask": False, "mixTasks": True,
+                   "partitioner": partitioner},
     })  # fmt: skip
 
 
@@ -99,45 +99,22 @@ def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
-def run_stage(work: str, m: int, k: int, queue) -> None:
+def run_stage(work: str, m: int, k: int, partitioner: str, queue) -> None:
+    import hashlib
+
+    from b3.artifacts import Artifacts
     from b3.spec import B3Job
 
-    spec = bench_spec(work, m, k)
+    spec = bench_spec(work, m, k, partitioner)
+    Artifacts(spec).invalidate("partition")  # a second run must compute, not skip
     from b3.stages import partition_stage  # imports are not the stage's work: clock starts after
 
     start = time.perf_counter()
     record = partition_stage(B3Job(spec=spec))
-    queue.put(
-        {
-            "seconds": time.perf_counter() - start,
-            "peak_rss_gib": peak_rss_gib(),
-            "stats": record["summary"],
-        }
-    )
-
-
-def run_metis(work: str, k: int, queue) -> None:
-    import pymetis
-
-    from b3.graph import build_graph
-    from b3.stages import read_topk
-    from b3.storage import WorkDir
-
-    _, neighbors = read_topk(WorkDir(work))
-    graph = build_graph(neighbors, mutual=True)
-    del neighbors
-    adjacency = pymetis.CSRAdjacency(adj_starts=graph.indptr, adjacent=graph.indices)
-    start = time.perf_counter()
-    result = pymetis.part_graph(-(-graph.n // k), adjacency, options=pymetis.Options(seed=0))
     seconds = time.perf_counter() - start
-    queue.put(
-        {
-            "seconds": seconds,
-            "peak_rss_gib": peak_rss_gib(),
-            "edge_cut": int(result.edge_cuts),
-            "edges": graph.edges,
-        }
-    )
+    clusters = Path(work, "partition", "clusters.parquet").read_bytes()
+    queue.put({"seconds": seconds, "peak_rss_gib": peak_rss_gib(), "stats": record["summary"],
+               "clusters_sha256": hashlib.sha256(clusters).hexdigest()})  # fmt: skip
 
 
 def in_child(target, *args) -> dict:
@@ -162,32 +139,34 @@ def main() -> None:
     for n in args.sizes:
         with tempfile.TemporaryDirectory(prefix="b3-bench-") as work:
             write_rank_output(work, n, args.m, args.k, seed=0)
-            metis = in_child(run_metis, work, args.k)
-            stage = in_child(run_stage, work, args.m, args.k)
-        row = {
-            "nodes": n,
-            "m": args.m,
-            "k": args.k,
-            "graph_edges": metis["edges"],
-            "metis_seconds": round(metis["seconds"], 2),
-            "stage_seconds": round(stage["seconds"], 2),
-            "overhead": round(stage["seconds"] / metis["seconds"] - 1, 3),
-            "metis_seconds_inside_stage": stage["stats"]["metis_seconds"],
-            # the same METIS call timed inside the stage run: immune to METIS's run-to-run spread
-            "overhead_within_stage": round(
-                stage["seconds"] / stage["stats"]["metis_seconds"] - 1, 3
-            ),
-            "metis_process_peak_rss_gib": round(metis["peak_rss_gib"], 2),
-            "stage_peak_rss_gib": round(stage["peak_rss_gib"], 2),
-            "metis_edge_cut": metis["edge_cut"],
-            "stage_edge_cut_after_rebalance": stage["stats"]["edge_cut"],
-            "communities_of_size_k": stage["stats"]["communities_of_size_k"],
-            "communities": stage["stats"]["communities"],
-        }
+            row: dict = {"nodes": n, "m": args.m, "k": args.k}
+            for partitioner in ("metis", "kaminpar"):
+                runs = [in_child(run_stage, work, args.m, args.k, partitioner)
+                        for _ in range(2 if n < 1_000_000 else 1)]  # fmt: skip
+                stage, stats = runs[0], runs[0]["stats"]
+                row["graph_edges"] = stats["graph_edges"]
+                row[partitioner] = {
+                    "stage_seconds": round(stage["seconds"], 2),
+                    "partitioner_seconds": stats["partitioner_seconds"],
+                    "peak_rss_gib": round(stage["peak_rss_gib"], 2),
+                    "partitioner_edge_cut": stats["partitioner_edge_cut"],
+                    "edge_cut_after_rebalance": stats["edge_cut"],
+                    "communities_of_size_k": stats["communities_of_size_k"],
+                    "communities": stats["communities"],
+                    "community_size": stats["community_size"],
+                    "deterministic": len({r["clusters_sha256"] for r in runs}) == 1 if len(runs) > 1 else None,
+                }
+            row["kaminpar_vs_metis"] = {
+                "stage_speedup": round(row["metis"]["stage_seconds"] / row["kaminpar"]["stage_seconds"], 2),
+                "edge_cut_ratio": round(row["kaminpar"]["edge_cut_after_rebalance"]
+                                        / row["metis"]["edge_cut_after_rebalance"], 4),
+                "peak_rss_ratio": round(row["kaminpar"]["peak_rss_gib"] / row["metis"]["peak_rss_gib"], 2),
+            }  # fmt: skip
         rows.append(row)
         print(json.dumps(row), flush=True)
     result = {
-        "question": "partition stage end to end vs pymetis.part_graph alone (mutual S-graph)",
+        "question": "partition stage end to end: mining.partitioner metis (pymetis) vs kaminpar "
+                    "(largek_fast, one thread), mutual S-graph",
         "rows": rows,
         "machine": f"{platform.machine()}, {os.cpu_count()} cores",
     }

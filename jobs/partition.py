@@ -1,4 +1,4 @@
-"""Partition stage program: METIS communities of the rank graph."""
+"""Partition stage program: communities of the rank graph (KaMinPar or METIS)."""
 
 import sys
 

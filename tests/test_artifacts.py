@@ -31,7 +31,7 @@ CHANGES = {
     "teacher.usePrompts": "flip",
     "rank.workers": 3, "rank.gpusPerWorker": 1.0, "rank.memoryBudgetMib": 64,
     "mining.p": 3, "mining.m": 9, "mining.clusterSize": 8, "mining.batchSize": 32, "mining.seed": 1,
-    "mining.perTask": False, "mining.mixTasks": False, "mining.edges": "union",
+    "mining.perTask": False, "mining.mixTasks": False, "mining.edges": "union", "mining.partitioner": "metis",
     "mining.minTaskSize": "flip", "mining.hardNegatives": 2,
     "training.student": "other/student", "training.pooling": "cls", "training.maxLength": 64,
     "training.sampler": "random", "training.falseNegatives": "top-p", "training.temperature": 0.05,
@@ -67,7 +67,7 @@ RANK = {"dataset.uri", "dataset.format", "dataset.columns.query", "dataset.colum
         "teacher.pooling", "teacher.maxLength", "teacher.dtype", "teacher.usePrompts",
         "mining.p", "mining.m", "mining.perTask", "mining.minTaskSize", "mining.batchSize"}  # fmt: skip
 PROMPTS = {"dataset.prompts.query", "dataset.prompts.positive", "dataset.prompts.byTask"}
-PARTITION = RANK | {"mining.clusterSize", "mining.seed", "mining.edges"}
+PARTITION = RANK | {"mining.clusterSize", "mining.seed", "mining.edges", "mining.partitioner"}
 TRAIN = (PARTITION | PROMPTS | {"mining.mixTasks", "mining.hardNegatives"}
          | {f for f in CHANGES if f.startswith("training.")}) - {
     "training.nodes", "training.processesPerNode", "training.miniBatchSize",

@@ -56,25 +56,49 @@ def planted(n_comm: int, k: int, m: int, noise: float, seed: int):
     return truth, window
 
 
-def test_partition_recovers_planted_communities():
+import pytest  # noqa: E402
+
+PARTITIONERS = ["metis", pytest.param("kaminpar", marks=pytest.mark.skipif(
+    __import__("importlib").util.find_spec("kaminpar") is None, reason="pip install kaminpar"))]  # fmt: skip
+
+
+@pytest.mark.parametrize("partitioner", PARTITIONERS)
+def test_partition_recovers_planted_communities(partitioner):
     k = 16
     truth, window = planted(n_comm=40, k=k, m=12, noise=0.1, seed=0)
-    communities, _ = partition_graph(build_graph(window, mutual=False), k, seed=0)
+    communities, _ = partition_graph(build_graph(window, mutual=False), k, seed=0, partitioner=partitioner)
     assert (np.bincount(communities) == k).all()
     # purity: the share of each found community that comes from its majority planted one
     purity = np.mean([np.bincount(truth[communities == c]).max() / k for c in range(40)])
     assert purity >= 0.95, purity
 
 
-def test_partition_sizes_with_a_remainder_and_a_fixed_seed():
+@pytest.mark.parametrize("partitioner", PARTITIONERS)
+def test_partition_sizes_with_a_remainder_and_a_fixed_seed(partitioner):
     truth, window = planted(n_comm=13, k=10, m=6, noise=0.2, seed=3)
     window = window[:125]  # 12 communities of 10 and 5 left over
     window[window >= 125] = -1
     g = build_graph(window, mutual=True)
-    a, _ = partition_graph(g, 10, seed=7)
-    b, _ = partition_graph(g, 10, seed=7)
+    a, _ = partition_graph(g, 10, seed=7, partitioner=partitioner)
+    b, _ = partition_graph(g, 10, seed=7, partitioner=partitioner)
     assert np.array_equal(a, b)
     assert sorted(np.bincount(a).tolist()) == [5] + [10] * 12
+
+
+@pytest.mark.skipif(__import__("importlib").util.find_spec("kaminpar") is None, reason="pip install kaminpar")
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(2, 300), k=st.integers(2, 24), m=st.integers(1, 8), seed=st.integers(0, 1000))
+def test_kaminpar_blocks_are_exactly_k_before_any_rebalancing(n, k, m, seed):
+    """KaMinPar with exact block weight limits: N // K blocks of K and one of N % K, the
+    ParHIP file it reads holding exactly our graph (its edge cut equals ours)."""
+    from b3.graph import kaminpar_parts
+
+    window = np.random.default_rng(seed).integers(-1, n, (n, m))
+    g = build_graph(window, mutual=False)
+    parts, cut = kaminpar_parts(g, k, seed)
+    assert sorted(np.bincount(parts).tolist()) == sorted([k] * (n // k) + ([n % k] if n % k else []))
+    assert cut == edge_cut(g, parts)
+    assert np.array_equal(kaminpar_parts(g, k, seed)[0], parts)  # deterministic for a seed
 
 
 @settings(max_examples=100, deadline=None)

@@ -405,3 +405,25 @@ def test_a_saved_hugging_face_dataset_mines_like_its_parquet_file(tmp_path, tiny
     clusters = [pq.read_table(tmp_path / w / "partition" / "clusters.parquet") for w in ("file", "folder")]
     assert clusters[0].equals(clusters[1])
     assert run("rank", from_folder) == 0  # its identity is stable: up to date
+
+
+def test_the_partition_stage_with_kaminpar(tmp_path, tiny_spec, monkeypatch, capsys):
+    """mining.partitioner: kaminpar gives the same contract (exact K, one short community),
+    recorded in stats; where kaminpar is not installed the stage refuses at once, exit 2."""
+    pytest.importorskip("kaminpar")
+    spec = {**tiny_spec, "mining": {**tiny_spec["mining"], "partitioner": "kaminpar"}}
+    manifest = write_manifest(tmp_path, spec)
+    assert run("rank", manifest) == 0 and run("partition", manifest) == 0
+    stats = json.loads((tmp_path / "work" / "partition" / "stats.json").read_text())
+    assert stats["partitioner"] == "kaminpar" and stats["community_size"]["max"] == 4
+    sizes = np.bincount(pq.read_table(tmp_path / "work" / "partition" / "clusters.parquet").column("cluster").to_numpy())
+    assert (sizes == 4).all()  # 240 rows in groups of multiples of 4
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "kaminpar" else real(name, *a))
+    other = write_manifest(tmp_path, {**spec, "workDir": "other"}, "other")
+    assert run("rank", other) == 0
+    capsys.readouterr()
+    assert run("partition", other) == 2
+    assert "mining.partitioner: kaminpar is not installed here" in capsys.readouterr().err
