@@ -6,10 +6,24 @@ check that every name a dashboard uses exists here.
 
 from __future__ import annotations
 
+import logging
 import time
 
 import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+log = logging.getLogger(__name__)
+
+
+def serve_metrics(registry: CollectorRegistry, port: int, addr: str = "0.0.0.0") -> bool:
+    """Serve `registry` on `port`. A port already taken (a hostNetwork neighbour, or pods that
+    share one address) costs the metrics, not the work: a warning, and False."""
+    try:
+        start_http_server(port, addr=addr, registry=registry)
+    except OSError as err:
+        log.warning("metrics: cannot listen on %s:%d (%s); going on without a metrics endpoint", addr, port, err)
+        return False
+    return True
 
 TRAIN_METRICS = (
     "b3_train_step",
@@ -70,7 +84,7 @@ class TrainMetrics:
               registry=self.registry).labels(job).set_function(lambda: time.time() - self.last_checkpoint)  # fmt: skip
 
     def serve(self, port: int, addr: str = "0.0.0.0") -> None:
-        start_http_server(port, addr=addr, registry=self.registry)
+        serve_metrics(self.registry, port, addr)
 
     def observe_step(
         self,

@@ -10,7 +10,9 @@ from __future__ import annotations
 import os
 import time
 
-from prometheus_client import CollectorRegistry, Gauge, start_http_server
+from prometheus_client import CollectorRegistry, Gauge
+
+from b3.metrics import serve_metrics
 
 STAGE_METRICS = (
     "b3_stage_progress_done",
@@ -47,7 +49,7 @@ def active_job() -> str | None:
 def serve(job: str, port: int) -> None:
     global _job
     _job = job
-    start_http_server(port, registry=REGISTRY)
+    serve_metrics(REGISTRY, port)
 
 
 def linger() -> None:

@@ -122,26 +122,22 @@ class TextEncoder:
 
     @torch.inference_mode()
     def encode(self, texts: list[str], desc: str = "embed") -> np.ndarray:
-        """(len(texts), dim) float32, L2-normalised, in the order of `texts`."""
+        """(len(texts), dim) float32, L2-normalised, in the order of `texts`. Every text is
+        tokenised once, up front (the fast tokenizer's batch call); each batch is then only
+        padded, so the loop is the model's forward."""
         out = np.empty((len(texts), self.dim), dtype=np.float32)
         if not texts:
             return out
-        lengths = self.tokenizer(
-            list(texts), truncation=True, max_length=self.max_length, add_special_tokens=True
-        )["input_ids"]
-        order = np.argsort(
-            [-len(ids) for ids in lengths], kind="stable"
-        )  # longest first: OOM shows at once
+        encoded = self.tokenizer(list(texts), truncation=True, max_length=self.max_length,
+                                 add_special_tokens=True, return_attention_mask=False)  # fmt: skip
+        ids = encoded["input_ids"]
+        extra = {k: v for k, v in encoded.items() if k == "token_type_ids"}
+        order = np.argsort([-len(x) for x in ids], kind="stable")  # longest first: OOM shows at once
         with progress(len(texts), desc, unit="text") as bar:
             for start in range(0, len(texts), self.batch_size):
                 idx = order[start : start + self.batch_size]
-                batch = self.tokenizer(
-                    [texts[i] for i in idx],
-                    padding=True,
-                    truncation=True,
-                    max_length=self.max_length,
-                    return_tensors="pt",
-                ).to(self.device)
+                features = {"input_ids": [ids[i] for i in idx], **{k: [v[i] for i in idx] for k, v in extra.items()}}
+                batch = self.tokenizer.pad(features, return_tensors="pt").to(self.device)
                 hidden = self.model(**batch).last_hidden_state  # (b, t, d)
                 emb = pool(hidden, batch["attention_mask"], self.pooling).float()  # (b, d)
                 emb = torch.nn.functional.normalize(emb, dim=-1)

@@ -209,3 +209,16 @@ def test_prometheus_scraping_a_training_run_answers_every_query(tmp_path, tiny_s
         train.kill()
         prom.terminate()
         prom.wait(30)
+
+
+def test_a_taken_metrics_port_costs_the_metrics_not_the_work(caplog):
+    """A stage whose metrics port is taken (pods sharing an address, hostNetwork) goes on
+    without its endpoint: a warning, no exception (it used to crash the training pod)."""
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        TrainMetrics("job", 10).serve(port)
+        stage_metrics.serve("job", port)
+    warnings = [r.getMessage() for r in caplog.records if "cannot listen" in r.getMessage()]
+    assert len(warnings) == 2 and f":{port}" in warnings[0]
