@@ -72,11 +72,14 @@ def split_bucket(keys: list[str], buckets: int) -> np.ndarray:
     )
 
 
-def _detect_format(path: str, declared: str, info=None) -> str:
+def _is_saved_dataset(spec: DatasetSpec, info) -> bool:
+    """A folder written by `datasets`' save_to_disk: declared, or (auto) any folder."""
+    return spec.format == "datasets" or (spec.format == "auto" and info.type.name == "Directory")
+
+
+def _detect_format(path: str, declared: str) -> str:
     if declared != "auto":
         return declared
-    if info is not None and info.type.name == "Directory":
-        return "datasets"  # a folder: what `datasets` save_to_disk writes
     name = path.lower().removesuffix(".gz").removesuffix(".zst")
     for ext, fmt in _FORMATS.items():
         if name.endswith(ext):
@@ -103,7 +106,7 @@ def dataset_identity(spec: DatasetSpec) -> dict:
     (a stat, not a read; the URI and columns are spec fields); for a saved Hugging Face
     dataset, the fingerprint `datasets` keeps of its content and the sizes of its files."""
     fs, path, info = _stat(spec)
-    if spec.format == "datasets" or (spec.format == "auto" and info.type.name == "Directory"):
+    if _is_saved_dataset(spec, info):
         state = _saved_dataset_state(fs, path, spec.uri)
         files = [f["filename"] for f in state.get("_data_files", [])]
         return {"fingerprint": state.get("_fingerprint"),
@@ -147,9 +150,9 @@ def _read_saved_dataset(fs, path: str, uri: str) -> pa.Table:
 def read_table(spec: DatasetSpec) -> pa.Table:
     """The whole file as an Arrow table."""
     fs, path, info = _stat(spec)
-    fmt = _detect_format(path, spec.format, info)
-    if fmt == "datasets":
+    if _is_saved_dataset(spec, info):
         return _read_saved_dataset(fs, path, spec.uri)
+    fmt = _detect_format(path, spec.format)
     try:
         if fmt == "parquet":
             table = pq.read_table(path, filesystem=fs)

@@ -553,8 +553,8 @@ def parse_manifest(doc: Any, base_dir: str | Path = ".") -> B3Job:
     except ValidationError as err:
         errors.extend(_format_errors(err, "metadata"))
     else:
-        if spec is not None and hostname_problem(metadata.name, spec.training.nodes):
-            errors.append(hostname_problem(metadata.name, spec.training.nodes))
+        if spec is not None and (problem := hostname_problem(metadata.name, spec.training.nodes)):
+            errors.append(problem)
     if errors:
         raise SpecError(errors)
     base = Path(base_dir).resolve()

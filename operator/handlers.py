@@ -180,7 +180,8 @@ def observe(body: dict[str, Any]) -> Observed:
             found = sorted(core.list_namespaced_event(ns, field_selector=selector).items,
                            key=lambda e: e.last_timestamp or e.event_time or e.metadata.creation_timestamp)  # fmt: skip
             failed_create = found[-1].message if found else ""
-        observed.stages[stage] = job_state(job, pods, now(), failed_create, kueue_workload(job))
+        workload = None if finished else kueue_workload(job)  # why Kueue holds it, if it does
+        observed.stages[stage] = job_state(job, pods, now(), failed_create, workload)
         if stage == "train" and not finished and progress_due(body.get("status") or {}, now()):
             leader = [p for p in pods if (p["metadata"].get("annotations") or {}).get(
                 "batch.kubernetes.io/job-completion-index") == "0" and (p.get("status") or {}).get("podIP")]  # fmt: skip

@@ -471,7 +471,8 @@ def plan(body: dict[str, Any], observed: Observed, now: str) -> Plan:
                        f"start again as Job {name} from the newest checkpoint ({used})"))  # fmt: skip
         return _running(status, "train", spec.suspend, now, finish)
 
-    queue = spec.run_policy.queue_name
+    # a child created now would be admitted and started by Kueue: wait until the job is resumed
+    hold_creation = spec.suspend and spec.run_policy.queue_name is not None
     stages = status.setdefault("stages", {})
     for stage in STAGES:
         record = stages.setdefault(stage, {})
@@ -479,7 +480,7 @@ def plan(body: dict[str, Any], observed: Observed, now: str) -> Plan:
         if record.get("completionTime"):  # done, whether its child still exists or not
             continue
         status["stage"] = stage
-        if child is None and spec.suspend and queue:  # Kueue would admit and start it
+        if child is None and hold_creation:
             return _running(status, stage, True, now, finish)
         if child is None:  # the stage's turn: create its child (suspended if the job is)
             for manifest in children.stage_child(body, spec, stage, suspend=spec.suspend):
@@ -509,7 +510,7 @@ def plan(body: dict[str, Any], observed: Observed, now: str) -> Plan:
             continue
         if child.state == "Failed":
             restart = restart_decision(child, spec.training.max_restarts) if stage == "train" else None
-            if restart is not None and not (spec.suspend and queue):
+            if restart is not None and not hold_creation:
                 return restart_gang(child, *restart)
             if restart is not None:  # restarted once resumed
                 return _running(status, stage, True, now, finish)

@@ -15,9 +15,12 @@ mkdir -p "$bin"
 export GOFLAGS="${GOFLAGS:--buildvcs=false}"
 
 stamp() { cat "$@" | sha256sum | cut -c1-16; }
+# stale NAME WANT: NAME is missing or was built from something else; built NAME WANT STARTED: record it
+stale() { [ "$(cat "$bin/$1.stamp" 2>/dev/null)" != "$2" ] || [ ! -x "$bin/$1" ]; }
+built() { echo "$2" > "$bin/$1.stamp"; echo "build: $1 in $(( $(date +%s) - $3 ))s" >&2; }
 
 want=$(cd "$here" && { go version; stamp build.sh go.mod go.sum cmd/b3-testcluster/main.go; } | stamp)
-if [ "$(cat "$bin/b3-testcluster.stamp" 2>/dev/null)" != "$want" ] || [ ! -x "$bin/b3-testcluster" ]; then
+if stale b3-testcluster "$want"; then
   echo "build: b3-testcluster (cold: about 15 minutes on 2 cores)" >&2
   started=$(date +%s)
   version=k8s.io/component-base/version  # what `kubectl version` and clients see
@@ -25,21 +28,20 @@ if [ "$(cat "$bin/b3-testcluster.stamp" 2>/dev/null)" != "$want" ] || [ ! -x "$b
     -ldflags="-s -w -X $version.gitVersion=v1.37.2 -X $version.gitMajor=1 -X $version.gitMinor=37" \
     ./cmd/b3-testcluster)
   mv "$bin/b3-testcluster.new" "$bin/b3-testcluster"
-  echo "$want" > "$bin/b3-testcluster.stamp"
-  echo "build: b3-testcluster in $(( $(date +%s) - started ))s" >&2
+  built b3-testcluster "$want" "$started"
 fi
 
 want=$( { go version; echo "$HELM_VERSION"; } | stamp)
-if [ "$(cat "$bin/helm.stamp" 2>/dev/null)" != "$want" ] || [ ! -x "$bin/helm" ]; then
+if stale helm "$want"; then
   echo "build: helm $HELM_VERSION" >&2
   started=$(date +%s)
   GOBIN="$bin" go install -trimpath -ldflags="-s -w -X helm.sh/helm/v4/internal/version.version=$HELM_VERSION" \
     "helm.sh/helm/v4/cmd/helm@$HELM_VERSION"
-  echo "$want" > "$bin/helm.stamp"
-  echo "build: helm in $(( $(date +%s) - started ))s" >&2
+  built helm "$want" "$started"
 fi
+
 want=$( { go version; echo "$KUEUE_VERSION"; } | stamp)
-if [ "$(cat "$bin/kueue.stamp" 2>/dev/null)" != "$want" ] || [ ! -x "$bin/kueue" ]; then
+if stale kueue "$want"; then
   echo "build: kueue $KUEUE_VERSION (cold: about 4 minutes on 2 cores)" >&2
   started=$(date +%s)
   GOBIN="$bin" go install -trimpath -ldflags="-s -w" "sigs.k8s.io/kueue/cmd/kueue@$KUEUE_VERSION"
@@ -48,7 +50,6 @@ if [ "$(cat "$bin/kueue.stamp" 2>/dev/null)" != "$want" ] || [ ! -x "$bin/kueue"
   cp "$module"/crd/bases/*.yaml "$bin/kueue-config/"
   cp "$module/webhook/manifests.yaml" "$bin/kueue-config/webhooks.yaml.in"  # not applied as is
   chmod -R u+w "$bin/kueue-config"
-  echo "$want" > "$bin/kueue.stamp"
-  echo "build: kueue in $(( $(date +%s) - started ))s" >&2
+  built kueue "$want" "$started"
 fi
 echo "$bin"
