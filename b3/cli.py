@@ -202,17 +202,22 @@ def stage_main(name: str, argv: list[str] | None = None) -> int:
     return code
 
 
-def eval_command(manifest: str, models: list[str], as_json: bool) -> int:
-    """Retrieval metrics of several models on the held-out split, as a table or JSON."""
+def eval_command(
+    manifest: str, models: list[str], as_json: bool, baseline: str | None = None, show_tasks: bool = False
+) -> int:
+    """Retrieval metrics of several models on the held-out split (mixed corpus and per task),
+    each model's nDCG@10 difference from the baseline with its paired bootstrap interval; the
+    report goes to eval/results.json and every query's ranks to eval/ranks.parquet."""
+    import pyarrow as pa
+
     from b3.artifacts import Artifacts
     from b3.data import load_pairs
-    from b3.evaluation import evaluate_encoder
+    from b3.evaluation import compare, rank_encoder
     from b3.teacher import TextEncoder
 
     spec = load_manifest(manifest).spec
     if spec.dataset.split is None:
         raise DataError("dataset.split is not set, so there is no held-out split to evaluate on")
-    pairs = load_pairs(spec.dataset, min_rows=1, split="test")
     artifacts = Artifacts(spec)
     t = spec.training
     prompts = spec.dataset.prompts
@@ -229,7 +234,11 @@ def eval_command(manifest: str, models: list[str], as_json: bool) -> int:
     for entry in models:
         name, _, path = entry.rpartition("=")
         candidates[name or path] = (path, t.pooling, t.max_length, prompts)
-    results, by_config = {}, {}
+    baseline = baseline or "student (untrained)"
+    if baseline not in candidates:
+        raise DataError(f"--baseline {baseline!r} is not one of the models: {', '.join(candidates)}")
+    pairs = load_pairs(spec.dataset, min_rows=1, split="test")
+    ranks, by_config, config_of = {}, {}, {}
     for name, config in candidates.items():
         model, pooling, max_length, model_prompts = config
         no_prompts = model_prompts is None or model_prompts == type(model_prompts)()
@@ -238,28 +247,58 @@ def eval_command(manifest: str, models: list[str], as_json: bool) -> int:
             encoder = TextEncoder(
                 model, pooling=pooling, max_length=max_length, batch_size=spec.teacher.batch_size
             )
-            by_config[key] = evaluate_encoder(encoder, pairs, model_prompts)
-        results[name] = by_config[key]
+            by_config[key] = rank_encoder(encoder, pairs, model_prompts)
+        ranks[name], config_of[name] = by_config[key], key
+    comparisons = {name: compare(ranks[baseline], r) for name, r in ranks.items()
+                   if config_of[name] != config_of[baseline]}  # fmt: skip
     report = {
         "split": spec.dataset.split.model_dump(by_alias=True),
         "dataset": spec.dataset.uri,
-        "models": results,
+        "models": {name: r.summary() for name, r in ranks.items()},
+        "baseline": baseline,
+        "comparisons": comparisons,  # nDCG@10 of the model minus the baseline's
     }
     if artifacts.work.local:
         artifacts.work.write_json(report, "eval", "results.json")
+        columns = {"id": pa.array(pairs.ids.tolist(), pa.string()),
+                   "task": pa.array([str(x) for x in pairs.tasks], pa.string())}  # fmt: skip
+        for name, r in ranks.items():
+            columns[f"{name}/mixed"], columns[f"{name}/task"] = pa.array(r.mixed), pa.array(r.task)
+        artifacts.work.write_parquet(pa.table(columns), "eval", "ranks.parquet")
     if trained is not None:  # the model card carries the table
         _add_eval_to_card(trained, report)
     if as_json:
         print(json.dumps(report, indent=2))
         return 0
-    first = next(iter(results.values()))
-    print(f"retrieval on the test split ({first['queries']} queries, {first['corpus']} documents)")
-    print(f"  {'model':<22}{'nDCG@10':>9}{'R@1':>8}{'R@10':>8}{'MRR@10':>8}")
-    for name, m in results.items():
-        print(
-            f"  {name:<22}{m['ndcg@10']:>9.4f}{m['recall@1']:>8.4f}{m['recall@10']:>8.4f}{m['mrr@10']:>8.4f}"
-        )
+    _print_eval(report, show_tasks)
     return 0
+
+
+def _print_eval(report: dict, show_tasks: bool) -> None:
+    results = report["models"]
+    first = next(iter(results.values()))
+    print(f"retrieval on the test split ({first['queries']} queries; mixed: {first['corpus']} documents, "
+          f"per task: each query against its own task's documents, {first['per_task']['macro']['tasks']} tasks)")  # fmt: skip
+    print(f"  {'':<22}{'mixed corpus':^33}{'per task (nDCG@10)':^20}")
+    print(f"  {'model':<22}{'nDCG@10':>9}{'R@1':>8}{'R@10':>8}{'MRR@10':>8}{'micro':>10}{'macro':>10}")
+    for name, m in results.items():
+        pt = m["per_task"]
+        print(f"  {name:<22}{m['ndcg@10']:>9.4f}{m['recall@1']:>8.4f}{m['recall@10']:>8.4f}{m['mrr@10']:>8.4f}"
+              f"{pt['micro']['ndcg@10']:>10.4f}{pt['macro']['ndcg@10']:>10.4f}")  # fmt: skip
+    if report["comparisons"]:
+        print(f"nDCG@10 minus {report['baseline']}'s, x100, 95% paired bootstrap interval:")
+        print(f"  {'model':<22}{'mixed':>22}{'per task micro':>22}{'per task macro':>22}")
+        for name, c in report["comparisons"].items():
+            cells = "".join(f"{100 * d['difference']:>+8.2f} [{100 * d['low']:+.2f}, {100 * d['high']:+.2f}]"
+                            .rjust(22) for d in c.values())  # fmt: skip
+            print(f"  {name:<22}{cells}")
+    if show_tasks:
+        names = list(results)
+        print("per task nDCG@10 (own task's documents):")
+        print(f"  {'task':<16}{'queries':>8}" + "".join(f"{n[:20]:>22}" for n in names))
+        for task, m in first["per_task"]["tasks"].items():
+            cells = "".join(f"{results[n]['per_task']['tasks'][task]['ndcg@10']:>22.4f}" for n in names)
+            print(f"  {task:<16}{m['queries']:>8}{cells}")
 
 
 STAGES = ["rank", "partition", "train"]
@@ -396,6 +435,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument(
         "--model", action="append", default=[], metavar="NAME=PATH", help="another model to compare"
     )
+    ev.add_argument("--baseline", metavar="NAME",
+                    help="model the others are compared with (default: student (untrained))")  # fmt: skip
+    ev.add_argument("--tasks", action="store_true", help="also print nDCG@10 of every task")
     ev.add_argument("--json", action="store_true", help="print JSON instead of a table")
     embed = sub.add_parser("embed", help="embed texts (one per line) with a model folder")
     embed.add_argument("model", help="model folder, e.g. <workDir>/train/final/model")
@@ -450,7 +492,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "run":
         return run_command(args.manifest, "rank" if args.force else args.start)
     if args.command == "eval":
-        return eval_command(args.manifest, args.model, args.json)
+        return eval_command(args.manifest, args.model, args.json, args.baseline, args.tasks)
     if args.command == "embed":
         return embed_command(args.model, args.input, args.output, args.batch_size, args.max_length,
                              args.prompt_name)  # fmt: skip

@@ -1,20 +1,33 @@
-"""Retrieval evaluation on the held-out split: nDCG@10, Recall@1, Recall@10, MRR@10.
+"""Retrieval evaluation on the held-out split: nDCG@10, Recall@1, Recall@10, MRR@10, two ways.
 
-Corpus = the split's positives, deduplicated by exact text; a query's one relevant document
-is its own positive text. Its rank is 1 + the number of corpus documents that score strictly
-higher, so ties are resolved in the query's favour (as in most IR toolkits' exact scoring).
+Mixed: every query against one corpus, the split's positives deduplicated by exact text (a
+query's one relevant document is its own positive text). Per task: every query only against
+the deduplicated positives of its own task, as MMEB scores each dataset against its own
+candidates. Per task reports the micro average (over queries) and the macro average (over
+tasks) beside one row per task.
 
-With one relevant document at rank r:  nDCG@10 = 1 / log2(r + 1) if r <= 10 else 0,
-Recall@k = [r <= k],  MRR@10 = 1 / r if r <= 10 else 0; each averaged over queries.
+A query's rank is 1 + the number of candidate documents that score strictly higher, so ties are
+resolved in the query's favour (as in most IR toolkits' exact scoring). With one relevant
+document at rank r:  nDCG@10 = 1 / log2(r + 1) if r <= 10 else 0,  Recall@k = [r <= k],
+MRR@10 = 1 / r if r <= 10 else 0.
+
+Two models evaluated on the same queries are compared by a paired bootstrap: resample the
+queries with replacement (within each task for the macro average, so every task keeps its
+weight), take the difference of the two models' means on each resample, and report the 2.5th
+and 97.5th percentiles of those differences as the 95% interval.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from b3.data import Pairs, unique_texts
 from b3.spec import PromptsSpec
+
+METRICS = ("ndcg@10", "recall@1", "recall@10", "mrr@10")
 
 
 def relevant_ranks(
@@ -34,20 +47,65 @@ def relevant_ranks(
     return ranks.numpy()
 
 
-def metrics_from_ranks(ranks: np.ndarray) -> dict[str, float]:
+def task_ranks(
+    query_emb: np.ndarray, corpus_emb: np.ndarray, relevant: np.ndarray, tasks: np.ndarray
+) -> np.ndarray:
+    """(n,) rank of each query's relevant document among its own task's documents only.
+
+    A task's documents are the corpus entries that are the positive of one of its queries."""
+    relevant = np.asarray(relevant)
+    ranks = np.empty(len(relevant), dtype=np.int64)
+    for task in np.unique(tasks):
+        rows = np.flatnonzero(tasks == task)
+        documents = np.unique(relevant[rows])  # sorted corpus ids of this task
+        local = np.searchsorted(documents, relevant[rows])
+        ranks[rows] = relevant_ranks(query_emb[rows], corpus_emb[documents], local)
+    return ranks
+
+
+def per_query(ranks: np.ndarray) -> dict[str, np.ndarray]:
+    """Each metric's value for every query (float64 arrays), from its relevant rank."""
     ranks = np.asarray(ranks, dtype=np.float64)
     top10 = ranks <= 10
     return {
-        "ndcg@10": float(np.mean(np.where(top10, 1.0 / np.log2(ranks + 1), 0.0))),
-        "recall@1": float(np.mean(ranks <= 1)),
-        "recall@10": float(np.mean(top10)),
-        "mrr@10": float(np.mean(np.where(top10, 1.0 / ranks, 0.0))),
-        "queries": int(len(ranks)),
+        "ndcg@10": np.where(top10, 1.0 / np.log2(ranks + 1), 0.0),
+        "recall@1": (ranks <= 1).astype(np.float64),
+        "recall@10": top10.astype(np.float64),
+        "mrr@10": np.where(top10, 1.0 / ranks, 0.0),
     }
 
 
-def evaluate_encoder(encoder, pairs: Pairs, prompts: PromptsSpec | None = None) -> dict[str, float]:
-    """Metrics of one encoder (anything with .encode(texts, desc)) on a split's pairs."""
+def metrics_from_ranks(ranks: np.ndarray) -> dict[str, float]:
+    values = per_query(ranks)
+    return {name: float(values[name].mean()) for name in METRICS} | {"queries": int(len(ranks))}
+
+
+def per_task_metrics(ranks: np.ndarray, tasks: np.ndarray) -> dict:
+    """Micro (over queries) and macro (over tasks) averages and one entry per task."""
+    by_task = {str(t): metrics_from_ranks(ranks[tasks == t]) for t in np.unique(tasks)}
+    macro = {name: float(np.mean([m[name] for m in by_task.values()])) for name in METRICS}
+    return {"micro": metrics_from_ranks(ranks), "macro": macro | {"tasks": len(by_task)},
+            "tasks": by_task}  # fmt: skip
+
+
+@dataclass
+class Ranks:
+    """Per-query ranks of one model on a split, under both evaluations."""
+
+    mixed: np.ndarray  # (n,) rank among the whole corpus
+    task: np.ndarray  # (n,) rank among the query's task's documents
+    tasks: np.ndarray  # (n,) task of each query
+    corpus: int  # documents in the mixed corpus
+
+    def summary(self) -> dict:
+        """Mixed metrics at the top level (the table everyone reads), per-task ones under
+        "per_task"."""
+        return metrics_from_ranks(self.mixed) | {"corpus": self.corpus,
+                                                 "per_task": per_task_metrics(self.task, self.tasks)}  # fmt: skip
+
+
+def rank_encoder(encoder, pairs: Pairs, prompts: PromptsSpec | None = None) -> Ranks:
+    """Ranks of one encoder (anything with .encode(texts, desc)) on a split's pairs."""
     unique, relevant = unique_texts(pairs.positives)
     corpus = unique.tolist()
     queries = list(pairs.queries)
@@ -58,6 +116,55 @@ def evaluate_encoder(encoder, pairs: Pairs, prompts: PromptsSpec | None = None) 
         corpus = [prompts.for_task(first_task[i])[1] + text for i, text in enumerate(corpus)]
     q_emb = encoder.encode(queries, desc="eval queries")
     c_emb = encoder.encode(corpus, desc="eval corpus")
-    result = metrics_from_ranks(relevant_ranks(q_emb, c_emb, relevant))
-    result["corpus"] = len(corpus)
-    return result
+    tasks = np.asarray(pairs.tasks, dtype=object)
+    return Ranks(mixed=relevant_ranks(q_emb, c_emb, relevant),
+                 task=task_ranks(q_emb, c_emb, relevant, tasks), tasks=tasks, corpus=len(corpus))  # fmt: skip
+
+
+def evaluate_encoder(encoder, pairs: Pairs, prompts: PromptsSpec | None = None) -> dict:
+    """Metrics of one encoder on a split's pairs (`Ranks.summary`)."""
+    return rank_encoder(encoder, pairs, prompts).summary()
+
+
+def paired_bootstrap(
+    base: np.ndarray,
+    other: np.ndarray,
+    strata: np.ndarray | None = None,
+    resamples: int = 10_000,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Mean of `other - base` and its 95% paired bootstrap interval.
+
+    Args:
+        base, other: (n,) per-query values of two models on the same queries.
+        strata: (n,) task of each query, for the macro average: queries are resampled within
+            their task and the difference is the mean over tasks of the task means.
+        resamples: bootstrap resamples.
+    """
+    diff = np.asarray(other, dtype=np.float64) - np.asarray(base, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    groups = [np.arange(len(diff))] if strata is None else [
+        np.flatnonzero(strata == s) for s in np.unique(strata)]  # fmt: skip
+    estimate = float(np.mean([diff[g].mean() for g in groups]))
+    means = np.zeros(resamples)
+    chunk = max(1, 2_000_000 // max(1, len(diff)))  # bounded memory for the index matrix
+    for start in range(0, resamples, chunk):
+        n = min(chunk, resamples - start)
+        for g in groups:
+            picks = g[rng.integers(0, len(g), size=(n, len(g)))]
+            means[start : start + n] += diff[picks].mean(1) / len(groups)
+    low, high = np.percentile(means, [2.5, 97.5])
+    return {"difference": estimate, "low": float(low), "high": float(high), "resamples": resamples}
+
+
+def compare(base: Ranks, other: Ranks, metric: str = "ndcg@10", **bootstrap) -> dict[str, dict]:
+    """`other - base` for one metric: mixed, per task micro, per task macro, with intervals."""
+    if len(base.mixed) != len(other.mixed) or not np.array_equal(base.tasks, other.tasks):
+        raise ValueError("the two models were not evaluated on the same queries")
+    mixed_b, mixed_o = per_query(base.mixed)[metric], per_query(other.mixed)[metric]
+    task_b, task_o = per_query(base.task)[metric], per_query(other.task)[metric]
+    return {
+        "mixed": paired_bootstrap(mixed_b, mixed_o, **bootstrap),
+        "per_task_micro": paired_bootstrap(task_b, task_o, **bootstrap),
+        "per_task_macro": paired_bootstrap(task_b, task_o, strata=base.tasks, **bootstrap),
+    }

@@ -36,9 +36,14 @@ def eval_table(report: dict) -> str:
     split = report["split"]
     lines = [f"`b3 eval`: retrieval on the held-out split (bucket {split['testBucket']} of {split['buckets']} by "
              f"`{split['key']}`: {first['queries']} queries, {first['corpus']} documents):", "",
-             "| model | nDCG@10 | R@1 | R@10 | MRR@10 |", "|---|---|---|---|---|"]  # fmt: skip
+             "| model | nDCG@10 | R@1 | R@10 | MRR@10 | nDCG@10 per task (micro / macro) |",
+             "|---|---|---|---|---|---|"]  # fmt: skip
     for name, m in report["models"].items():
-        lines.append(f"| {name} | {m['ndcg@10']:.4f} | {m['recall@1']:.4f} | {m['recall@10']:.4f} | {m['mrr@10']:.4f} |")
+        pt = m["per_task"]
+        lines.append(f"| {name} | {m['ndcg@10']:.4f} | {m['recall@1']:.4f} | {m['recall@10']:.4f} | {m['mrr@10']:.4f} "
+                     f"| {pt['micro']['ndcg@10']:.4f} / {pt['macro']['ndcg@10']:.4f} |")  # fmt: skip
+    lines += ["", "Mixed: every query against all held-out documents; per task: against its own task's "
+              "documents only (micro: mean over queries, macro: mean over tasks)."]
     return "\n".join(lines)
 
 

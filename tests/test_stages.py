@@ -260,6 +260,17 @@ def test_b3_run_does_every_stage_then_skips_them(tmp_path, tiny_spec, capsys, mo
         "student (untrained)",
         "student (trained)",
     }
+    # the trained student is compared with the untrained one (the teacher is the same model)
+    assert set(report["comparisons"]) == {"student (trained)"}
+    gain = report["comparisons"]["student (trained)"]["mixed"]
+    models = report["models"]
+    assert gain["difference"] == pytest.approx(
+        models["student (trained)"]["ndcg@10"] - models["student (untrained)"]["ndcg@10"])
+    assert gain["low"] <= gain["difference"] <= gain["high"]
+    ranks = WorkDir(str(tmp_path / "work")).read_parquet("eval", "ranks.parquet")
+    assert ranks.num_rows == models["teacher"]["queries"]
+    task_ranks = np.array(ranks.column("student (trained)/task").to_pylist())
+    assert (task_ranks <= np.array(ranks.column("student (trained)/mixed").to_pylist())).all()
     assert run("run", manifest) == 0
     assert capsys.readouterr().out.count("up to date") == 3  # rank, partition, train
     # eval embeds the test split once per distinct model: the teacher is the untrained student
@@ -289,6 +300,9 @@ def test_every_command_refuses_bad_input_with_exit_2(tmp_path, tiny_spec, capsys
     no_split = write_manifest(tmp_path, tiny_spec, "nosplit")
     assert run("eval", no_split) == 2
     assert "eval: dataset.split is not set" in capsys.readouterr().err
+    with_split = write_manifest(tmp_path, {**tiny_spec, "dataset": {**tiny_spec["dataset"], "split": {"key": "source"}}}, "split")
+    assert run("eval", with_split, "--baseline", "nobody") == 2
+    assert "--baseline 'nobody' is not one of the models: teacher, student (untrained)" in capsys.readouterr().err
     multi_node = write_manifest(
         tmp_path, {**tiny_spec, "training": {**tiny_spec["training"], "nodes": 2}}, "multinode"
     )
