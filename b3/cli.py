@@ -93,6 +93,23 @@ def _print_inspect(result: dict) -> None:
     )
 
 
+def sweep_command(job, args) -> int:
+    """`b3 inspect --sweep`: the grid's batch statistics as a table (or JSON), saved to
+    inspect/sweep.json in the work dir, optionally plotted."""
+    from b3 import sweep
+    from b3.artifacts import Artifacts
+
+    grid = sweep.Grid(p=args.p, m=args.m, k=args.k, edges=args.edges, scopes=args.scope)
+    result = sweep.sweep(job, grid, top_k=args.top_k or job.spec.mining.cluster_size)
+    work = Artifacts(job.spec).work
+    if work.local:
+        work.write_json(result, "inspect", "sweep.json")
+    if args.plot:
+        sweep.plot(result, args.plot)
+    print(json.dumps(result, indent=2) if args.json else sweep.table(result))
+    return 0
+
+
 def _stage_runner(name: str) -> Callable:
     # heavy imports (torch, transformers, peft) only for commands that need them
     if name == "train":
@@ -429,6 +446,16 @@ def build_parser() -> argparse.ArgumentParser:
             )
             cmd.add_argument("--epoch", type=int, default=0, help="epoch whose batches to measure")
             cmd.add_argument("--json", action="store_true", help="print JSON instead of a table")
+            sweep = cmd.add_argument_group("mining sweep (needs the rank stage only; see b3.sweep)")
+            sweep.add_argument("--sweep", action="store_true",
+                               help="measure the batches of every grid point below instead of the partition's")
+            sweep.add_argument("--p", type=int, nargs="+", default=[0, 10, 30], help="skipped ranks p")
+            sweep.add_argument("--m", type=int, nargs="+", default=[50, 100], help="window m")
+            sweep.add_argument("--k", type=int, nargs="+", default=[8, 16, 32], help="community size K")
+            sweep.add_argument("--edges", nargs="+", default=["mutual", "union"], help="mutual, union")
+            sweep.add_argument("--scope", nargs="+", default=["per-task", "whole-set"],
+                               help="per-task, whole-set")
+            sweep.add_argument("--plot", metavar="PNG", help="also plot hardness against neg > pos")  # fmt: skip
     ev = sub.add_parser("eval", help="retrieval metrics on the held-out split")
     ev.add_argument("manifest", help="B3Job manifest (YAML)")
     _overrides(ev)
@@ -503,6 +530,8 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "validate":
         _print_summary(job, args.overrides)
         return 0
+    if args.sweep:
+        return sweep_command(job, args)
     from b3.stages import inspect_stage
 
     result = inspect_stage(job, top_k=args.top_k, epoch=args.epoch)

@@ -192,6 +192,57 @@ def read_topk(work: WorkDir, columns: list[str] | None = None) -> tuple[pa.Table
     return table, dense
 
 
+def communities(
+    neighbors: np.ndarray, of_row: np.ndarray, n_groups: int, skip: np.ndarray, window: np.ndarray,
+    mining, done=lambda rows: None,
+) -> tuple[np.ndarray, dict]:
+    """Cut each group's S-graph (S = neighbours[:, p:p+m] of its rows) into communities of
+    mining.clusterSize rows: (global community of each row, cut statistics).
+
+    Args:
+        neighbors: (N, w) ranked global rows per query, -1 padded (`read_topk`).
+        of_row: (N,) group index of each row; skip, window: (N,) each row's p and m.
+        mining: the MiningSpec (clusterSize, edges, partitioner, seed).
+        done: called with each group's row count as it finishes (progress).
+    """
+    n = len(of_row)
+    clusters = np.empty(n, dtype=np.int64)
+    s_inside = s_total = cut = partitioner_cut = edges = next_id = 0
+    partitioner_seconds = 0.0
+    for g in range(n_groups):
+        rows = np.flatnonzero(of_row == g)
+        p_g, m_g = int(skip[rows[0]]), int(window[rows[0]])
+        if len(rows) == n:  # one group: a view, not a copy
+            s = neighbors[:, p_g : p_g + m_g]  # S = R[:, p:p+m]
+        else:  # to the group's own numbering (ranking never leaves the group)
+            s = neighbors[rows, p_g : p_g + m_g]
+            local = np.full(n, -1, dtype=np.int64)
+            local[rows] = np.arange(len(rows))
+            s = np.where(s >= 0, local[np.maximum(s, 0)], -1)
+        graph = graphs.build_graph(s, mutual=mining.edges == "mutual")
+        partitioner_started = time.perf_counter()
+        labels, g_cut = graphs.PARTITIONERS[mining.partitioner](graph, mining.cluster_size, mining.seed)
+        partitioner_seconds += time.perf_counter() - partitioner_started
+        comm = graphs.rebalance(labels, graph, mining.cluster_size, mining.seed)
+        clusters[rows] = comm + next_id
+        next_id += int(comm.max()) + 1
+        valid = s >= 0
+        s_inside += int(((comm[:, None] == comm[s]) & valid).sum())  # comm[-1] is masked by valid
+        s_total += int(valid.sum())
+        cut += graphs.edge_cut(graph, comm)
+        partitioner_cut += g_cut
+        edges += graph.edges
+        done(len(rows))
+    return clusters, {
+        "graph_edges": edges,
+        "edge_cut": cut,
+        "partitioner_edge_cut": partitioner_cut,  # before rebalancing to exactly K
+        "edge_cut_share": cut / edges if edges else 0.0,
+        "partitioner_seconds": round(partitioner_seconds, 3),
+        "s_edges_inside_share": s_inside / s_total if s_total else 0.0,
+    }
+
+
 def partition_stage(job: B3Job) -> dict:
     """Cut each group's S-graph into communities of clusterSize rows (METIS or KaMinPar)."""
     spec, started = job.spec, time.time()
@@ -214,36 +265,8 @@ def partition_stage(job: B3Job) -> dict:
     group_names, of_row = groups.dictionary.to_pylist(), groups.indices.to_numpy()
     skip = table.column("skip").to_numpy()
     window = table.column("window").to_numpy()
-    clusters = np.empty(n, dtype=np.int64)
-    s_inside = s_total = cut = partitioner_cut = edges = next_id = 0
-    partitioner_seconds = 0.0
     with progress(n, "partition", unit="row") as bar:
-        for g in range(len(group_names)):
-            rows = np.flatnonzero(of_row == g)
-            p_g, m_g = int(skip[rows[0]]), int(window[rows[0]])
-            if len(rows) == n:  # one group: a view, not a copy
-                s = neighbors[:, p_g : p_g + m_g]  # S = R[:, p:p+m]
-            else:  # to the group's own numbering (ranking never leaves the group)
-                s = neighbors[rows, p_g : p_g + m_g]
-                local = np.full(n, -1, dtype=np.int64)
-                local[rows] = np.arange(len(rows))
-                s = np.where(s >= 0, local[np.maximum(s, 0)], -1)
-            graph = graphs.build_graph(s, mutual=mining.edges == "mutual")
-            partitioner_started = time.perf_counter()
-            labels, g_cut = graphs.PARTITIONERS[mining.partitioner](graph, mining.cluster_size, mining.seed)
-            partitioner_seconds += time.perf_counter() - partitioner_started
-            comm = graphs.rebalance(labels, graph, mining.cluster_size, mining.seed)
-            clusters[rows] = comm + next_id
-            next_id += int(comm.max()) + 1
-            valid = s >= 0
-            s_inside += int(
-                ((comm[:, None] == comm[s]) & valid).sum()
-            )  # comm[-1] is masked by valid
-            s_total += int(valid.sum())
-            cut += graphs.edge_cut(graph, comm)
-            partitioner_cut += g_cut
-            edges += graph.edges
-            bar.update(len(rows))
+        clusters, cut_stats = communities(neighbors, of_row, len(group_names), skip, window, mining, bar.update)
 
     sizes = np.bincount(clusters)
     stats = {
@@ -257,14 +280,9 @@ def partition_stage(job: B3Job) -> dict:
             "max": int(sizes.max()),
         },
         "communities_of_size_k": int((sizes == mining.cluster_size).sum()),
-        "graph_edges": edges,
         "edges": mining.edges,
-        "edge_cut": cut,
         "partitioner": mining.partitioner,
-        "partitioner_edge_cut": partitioner_cut,  # before rebalancing to exactly K
-        "edge_cut_share": cut / edges if edges else 0.0,
-        "partitioner_seconds": round(partitioner_seconds, 3),
-        "s_edges_inside_share": s_inside / s_total if s_total else 0.0,
+        **cut_stats,
     }
     out = pa.table(
         {
