@@ -326,6 +326,9 @@ def main() -> None:
     parser.add_argument("--learning-rate", type=float, help="default: the manifest's")
     parser.add_argument("--max-length", type=int, help="tokens per text, teacher and student (default: the manifest's)")
     parser.add_argument("--model", help="teacher and student (default: the manifest's)")
+    parser.add_argument("--teacher", help="the teacher only, e.g. a student trained with random batches (T1)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="manifest override, as `b3 run` takes them: --set 'training.lora.targetModules=[query, key, value, dense]'")  # fmt: skip
     parser.add_argument("--dataset", help="dataset URI (default: the manifest's)")
     parser.add_argument("--work", help="default: runs/b3-vs-random[-PRESET]")
     parser.add_argument("--out", help="default: bench/results/b3_vs_random[_PRESET][_validation]")
@@ -363,13 +366,16 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown arms {unknown}")
 
-    base = load_manifest(args.manifest)
+    base = load_manifest(args.manifest, args.set)
     if base.spec.dataset.split is None:
         parser.error(f"{args.manifest}: the experiment needs dataset.split for a test split")
     if args.model and os.path.exists(args.model):
         args.model = os.path.abspath(args.model)
     work = Path(args.work or ROOT / "runs" / f"b3-vs-random{suffix.replace('_', '-')}")
-    teacher = ({"model": args.model} if args.model else {}) | ({"max_length": args.max_length} if args.max_length else {})
+    if args.teacher and os.path.exists(args.teacher):
+        args.teacher = os.path.abspath(args.teacher)
+    teacher = ({"model": args.teacher or args.model} if args.teacher or args.model else {}) | (
+        {"max_length": args.max_length} if args.max_length else {})  # fmt: skip
     base = variant(base, Path(base.spec.work_dir), **({"teacher": teacher} if teacher else {}),
                    **({"dataset": {"uri": os.path.abspath(args.dataset)}} if args.dataset else {}),
                    mining={"min_task_size": max(args.batch_sizes)},
@@ -403,6 +409,10 @@ def main() -> None:
         "min_task_size": max(args.batch_sizes),
         "p": base.spec.mining.p,
         "m": base.spec.mining.m,
+        "teacher": base.spec.teacher.model,
+        "student": base.spec.training.student,
+        "lora": base.spec.training.lora.model_dump(by_alias=True),
+        "overrides": args.set,
         "learning_rate": base.spec.training.learning_rate,
         "temperature": base.spec.training.temperature,
         "max_length": base.spec.training.max_length,

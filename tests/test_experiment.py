@@ -1,0 +1,80 @@
+"""The B3-vs-random experiment's own logic (bench/b3_vs_random.py): the data it trains and
+evaluates on, and how it compares arms. The trainings themselves are the stages' tests."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import write_manifest
+
+from b3.data import load_pairs, split_bucket
+from b3.evaluation import Ranks, paired_bootstrap, per_query
+from b3.spec import load_manifest
+
+spec = importlib.util.spec_from_file_location(
+    "b3_vs_random", Path(__file__).resolve().parents[1] / "bench" / "b3_vs_random.py"
+)
+experiment = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(experiment)
+
+
+def test_validation_never_sees_the_test_bucket(tmp_path, tiny_spec):
+    manifest = write_manifest(tmp_path, {**tiny_spec, "dataset": {**tiny_spec["dataset"], "split": {"key": "source", "buckets": 4}}})
+    job = load_manifest(manifest)
+    test_ids = set(load_pairs(job.spec.dataset, 1, split="test").ids)
+    valid = experiment.subset(job, ["task0", "task1"], 4, True, tmp_path / "v")
+    train = load_pairs(valid.spec.dataset, 1)
+    held = load_pairs(valid.spec.dataset, 1, split="test")
+    assert valid.spec.dataset.split.test_bucket == 1
+    seen = set(train.ids) | set(held.ids)
+    assert not seen & test_ids  # the test bucket's rows are gone from training and validation
+    assert set(train.tasks) | set(held.tasks) == {"task0", "task1"}
+    sources = load_manifest(manifest).spec.dataset  # the held-out rows are exactly bucket 1
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(sources.uri)
+    bucket = dict(zip(table.column("id").to_pylist(), split_bucket(table.column("source").to_pylist(), 4), strict=True))
+    assert {bucket[i] for i in held.ids} == {1} and 1 not in {bucket[i] for i in train.ids}
+
+
+def test_subset_refuses_unknown_tasks(tmp_path, tiny_spec):
+    manifest = write_manifest(tmp_path, {**tiny_spec, "dataset": {**tiny_spec["dataset"], "split": {"key": "source"}}})
+    with pytest.raises(SystemExit, match=r"\['nope'\] are not tasks"):
+        experiment.subset(load_manifest(manifest), ["task0", "nope"], 10, False, tmp_path / "s")
+
+
+def test_comparisons_bootstrap_the_seed_average_against_each_random_arm():
+    tasks = np.array(["a", "a", "b", "b"], dtype=object)
+
+    def ranks(mixed, task):
+        return Ranks(mixed=np.array(mixed), task=np.array(task), tasks=tasks, corpus=4)
+
+    per_seed = {
+        ("random", 32): [ranks([1, 3, 2, 5], [1, 2, 1, 3]), ranks([2, 3, 1, 4], [1, 1, 1, 2])],
+        ("random-same-task", 32): [ranks([2, 2, 2, 2], [1, 1, 1, 1])],
+        ("b3", 32): [ranks([1, 1, 2, 2], [1, 1, 1, 1]), ranks([1, 2, 1, 1], [1, 1, 1, 1])],
+    }
+    rows = experiment.comparisons(per_seed, resamples=500)
+    pairs = {(r["arm"], r["baseline"]) for r in rows}
+    # each arm once against each random arm; the two baselines once, not both ways
+    assert pairs == {("b3", "random"), ("b3", "random-same-task"), ("random-same-task", "random")}
+    row = next(r for r in rows if (r["arm"], r["baseline"]) == ("b3", "random"))
+    b3 = np.mean([per_query(r.mixed)["ndcg@10"] for r in per_seed[("b3", 32)]], axis=0)
+    rnd = np.mean([per_query(r.mixed)["ndcg@10"] for r in per_seed[("random", 32)]], axis=0)
+    assert row["mixed"] == paired_bootstrap(rnd, b3, resamples=500)
+    # per task by hand: b3 ranks every query first (nDCG 1); random's seed averages are
+    # q0 1, q1 (1/log2(3) + 1)/2, q2 1, q3 (ranks 3 and 2) (1/2 + 1/log2(3))/2
+    gain = np.array([0, 1 - (1 / np.log2(3) + 1) / 2, 0, 1 - (1 / 2 + 1 / np.log2(3)) / 2])
+    assert row["per_task_micro"]["difference"] == pytest.approx(gain.mean())
+    assert row["per_task_macro"]["difference"] == pytest.approx((gain[:2].mean() + gain[2:].mean()) / 2)
+    assert row["seeds"] == 2
+
+
+def test_plan_puts_b3_plus_plus_at_its_own_batch_size():
+    arms = experiment.plan(["random", "b3:teacher", "b3++"], [32, 64], 64, 5)
+    assert [(a["arm"], a["batch_size"]) for a in arms] == [
+        ("random", 32), ("b3:teacher", 32), ("random", 64), ("b3:teacher", 64), ("b3++ h=5", 64)]
+    assert arms[1]["false_negatives"] == "teacher" and arms[-1]["hard_negatives"] == 5
