@@ -430,11 +430,12 @@ def main() -> None:
         # rank and partition once per |B| and mining scope (per task or whole set): the mining
         # groups may depend on |B| (b3.artifacts: rank reads mining.batchSize); the teacher
         # embeddings are shared (same inputs)
-        scopes = sorted({(a["batch_size"], ARMS[a["kind"]][2]) for a in arms})
+        scopes = sorted({(a["batch_size"], ARMS[a["kind"]][2]) for a in arms}, key=lambda s: (s[0], not s[1]))
+        first = f"rank-{scopes[0][0]}" + ("" if scopes[0][1] else "-whole")
         for size, per_task in scopes:
             scope = f"{size}" + ("" if per_task else "-whole")
             ranked = work / f"rank-{scope}"
-            share_embeddings(work / f"rank-{scopes[0][0]}" / "rank", ranked / "rank")
+            share_embeddings(work / first / "rank", ranked / "rank")
             mining = {"batch_size": size, "cluster_size": k_of(size), "per_task": per_task, "mix_tasks": not per_task}
             mined = variant(base, work / f"seed{seed}" / f"mining-{scope}", mining={**mining, "seed": seed})
             link(ranked / "rank", work / f"seed{seed}" / f"mining-{scope}" / "rank")  # not seeded
