@@ -146,11 +146,15 @@ def subset(job: B3Job, tasks: list[str] | None, buckets: int, validation: bool, 
     return variant(job, Path(job.spec.work_dir), dataset={"uri": str(path), "format": "parquet", "split": test})
 
 
+def load_ranks(path: Path) -> Ranks:
+    saved = np.load(path, allow_pickle=True)
+    return Ranks(mixed=saved["mixed"], task=saved["task"], tasks=saved["tasks"], corpus=int(saved["corpus"]))
+
+
 def evaluate(model: str, job: B3Job, test_pairs, cache: Path) -> Ranks:
     """Per-query ranks of one model on the test split (cached as .npz)."""
     if cache.exists():
-        saved = np.load(cache, allow_pickle=True)
-        return Ranks(mixed=saved["mixed"], task=saved["task"], tasks=saved["tasks"], corpus=int(saved["corpus"]))
+        return load_ranks(cache)
     t = job.spec.training
     # float32 on any device: fp16 rounding must not decide between arms
     encoder = TextEncoder(model, pooling=t.pooling, max_length=t.max_length, batch_size=256,
@@ -185,6 +189,22 @@ def plan(
     plain = [arm(n, b, 0) for b in batch_sizes for n in names if not n.startswith("b3++")]
     plus = [arm(n, hard_negative_batch, hard_negatives) for n in names if n.startswith("b3++")]
     return plain + plus
+
+
+def earlier_baselines(work: Path, seeds: list[int], sizes: list[int], reference: Ranks) -> dict:
+    """Per-query ranks of the random arms that an earlier run (its --work) trained, for the
+    same seeds and sizes; refused when that run evaluated other queries."""
+    found = {}
+    for base in BASELINES:
+        for size in sizes:
+            runs = [work / f"seed{seed}" / f"{base}-{size}" / "eval.npz" for seed in seeds]
+            if missing := [str(r) for r in runs if not r.exists()]:
+                raise SystemExit(f"--baselines-from: no evaluation at {', '.join(missing)}")
+            found[(base, size)] = [load_ranks(r) for r in runs]
+            if any(not np.array_equal(r.tasks, reference.tasks) or r.corpus != reference.corpus
+                   for r in found[(base, size)]):  # fmt: skip
+                raise SystemExit(f"--baselines-from {work}: evaluated on other test queries than this run")
+    return found
 
 
 def comparisons(per_seed: dict[tuple[str, int], list[Ranks]], resamples: int = 10_000) -> list[dict]:
@@ -330,6 +350,8 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, help="tokens per text, teacher and student (default: the manifest's)")
     parser.add_argument("--model", help="teacher and student (default: the manifest's)")
     parser.add_argument("--teacher", help="the teacher only, e.g. a student trained with random batches (T1)")
+    parser.add_argument("--baselines-from", metavar="WORK",
+                        help="compare with the random arms an earlier run trained (its --work; same split and seeds)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="manifest override, as `b3 run` takes them: --set 'training.lora.targetModules=[query, key, value, dense]'")  # fmt: skip
     parser.add_argument("--dataset", help="dataset URI (default: the manifest's)")
@@ -429,6 +451,8 @@ def main() -> None:
     print(f"{train_rows} training rows, {len(test_pairs)} test queries; untrained student: nDCG@10 "
           f"{results['untrained']['ndcg@10']:.4f} mixed, {results['untrained']['per_task_micro']:.4f} per task")  # fmt: skip
     per_seed: dict[tuple[str, int], list[Ranks]] = {}
+    if args.baselines_from:  # the random arms of an earlier run on the same split and seeds
+        per_seed |= earlier_baselines(Path(args.baselines_from), args.seeds, args.batch_sizes, untrained_ranks)
     for seed in args.seeds:
         # rank and partition once per |B| and mining scope (per task or whole set): the mining
         # groups may depend on |B| (b3.artifacts: rank reads mining.batchSize); the teacher

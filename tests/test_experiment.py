@@ -78,3 +78,20 @@ def test_plan_puts_b3_plus_plus_at_its_own_batch_size():
     assert [(a["arm"], a["batch_size"]) for a in arms] == [
         ("random", 32), ("b3:teacher", 32), ("random", 64), ("b3:teacher", 64), ("b3++ h=5", 64)]
     assert arms[1]["false_negatives"] == "teacher" and arms[-1]["hard_negatives"] == 5
+
+
+def test_baselines_from_an_earlier_run_must_share_its_test_queries(tmp_path):
+    tasks = np.array(["a", "b"], dtype=object)
+    earlier = Ranks(mixed=np.array([1, 2]), task=np.array([1, 1]), tasks=tasks, corpus=2)
+    for arm in experiment.BASELINES:
+        path = tmp_path / "seed0" / f"{arm}-32" / "eval.npz"
+        path.parent.mkdir(parents=True)
+        np.savez(path, mixed=earlier.mixed, task=earlier.task, tasks=earlier.tasks, corpus=earlier.corpus)
+    found = experiment.earlier_baselines(tmp_path, [0], [32], earlier)
+    assert set(found) == {("random", 32), ("random-same-task", 32)}
+    assert found[("random", 32)][0].mixed.tolist() == [1, 2]
+    other = Ranks(mixed=np.array([1]), task=np.array([1]), tasks=tasks[:1], corpus=1)
+    with pytest.raises(SystemExit, match="other test queries"):
+        experiment.earlier_baselines(tmp_path, [0], [32], other)
+    with pytest.raises(SystemExit, match="no evaluation at"):
+        experiment.earlier_baselines(tmp_path, [0, 1], [32], earlier)
