@@ -160,6 +160,11 @@ def plot(result: dict, path: str) -> None:
         ax.scatter([], [], color=color, label=f"p={p}")
     for k, marker in markers.items():
         ax.scatter([], [], marker=marker, color="gray", label=f"K={k}")
+    same_task = result["baselines"]["random_same_task"]["topk_negative"]
+    for kind, marker in (("random", "X"), ("random_same_task", "P")):
+        base = result["baselines"][kind]
+        ax.scatter(100 * base["above_positive"], base["topk_negative"] / same_task, marker=marker, color="black",
+                   s=60, label=kind.replace("_", " "))  # fmt: skip
     ax.axhline(1.0, color="gray", linestyle="--", linewidth=0.8)
     ax.set_xlabel("queries with an in-batch negative scored above their positive (%)")
     ax.set_ylabel(f"H_B^{result['top_k']} / random same task")

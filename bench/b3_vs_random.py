@@ -245,7 +245,9 @@ def plot(results: dict, path: Path) -> None:
 
     has_views = any("per_task_micro" in run for run in results["runs"])
     panels = (["ndcg@10", "per_task_micro"] if has_views else ["ndcg@10"]) + (["diff"] if results.get("comparisons") else [])
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.6 * len(panels), 4.4), squeeze=False)
+    widths = [1.6 if panel == "diff" else 1 for panel in panels]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * sum(widths), 4.4), squeeze=False,
+                             gridspec_kw={"width_ratios": widths})  # fmt: skip
     for ax, panel in zip(axes[0], panels, strict=True):
         if panel == "diff":
             _plot_differences(ax, results["comparisons"])
@@ -418,7 +420,7 @@ def main() -> None:
 
     started = time.time()
     out.parent.mkdir(parents=True, exist_ok=True)
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor()
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"{platform.machine()}, {os.cpu_count()} cores"
     results = {
         "manifest": os.path.relpath(args.manifest, ROOT),
         "preset": args.preset,
