@@ -99,7 +99,9 @@ def sweep_command(job, args) -> int:
     from b3 import sweep
     from b3.artifacts import Artifacts
 
-    grid = sweep.Grid(p=args.p, m=args.m, k=args.k, edges=args.edges, scopes=args.scope)
+    batch_size = job.spec.mining.batch_size
+    k = args.k or [k for k in (8, 16, 32) if batch_size % k == 0] or [job.spec.mining.cluster_size]
+    grid = sweep.Grid(p=args.p, m=args.m, k=k, edges=args.edges, scopes=args.scope)
     result = sweep.sweep(job, grid, top_k=args.top_k or job.spec.mining.cluster_size)
     work = Artifacts(job.spec).work
     if work.local:
@@ -451,7 +453,8 @@ def build_parser() -> argparse.ArgumentParser:
                                help="measure the batches of every grid point below instead of the partition's")
             sweep.add_argument("--p", type=int, nargs="+", default=[0, 10, 30], help="skipped ranks p")
             sweep.add_argument("--m", type=int, nargs="+", default=[50, 100], help="window m")
-            sweep.add_argument("--k", type=int, nargs="+", default=[8, 16, 32], help="community size K")
+            sweep.add_argument("--k", type=int, nargs="+",
+                               help="community size K (default: those of 8, 16, 32 that divide batchSize)")
             sweep.add_argument("--edges", nargs="+", default=["mutual", "union"], help="mutual, union")
             sweep.add_argument("--scope", nargs="+", default=["per-task", "whole-set"],
                                help="per-task, whole-set")

@@ -74,6 +74,9 @@ def test_sweep_refuses_bad_grids_and_a_missing_rank_stage(tmp_path, tiny_spec, c
     assert "rank" in capsys.readouterr().err
     assert run("rank", manifest) == 0
     capsys.readouterr()
+    # the default K grid keeps the sizes that divide |B| = 16 (8 and 16 of 8, 16, 32)
+    assert run("inspect", manifest, "--sweep", "--p", "2", "--m", "8", "--scope", "per-task", "--json") == 0
+    assert {pt["k"] for pt in json.loads(capsys.readouterr().out)["points"]} == {8, 16}
     assert run("inspect", manifest, "--sweep", "--k", "5", "--edges", "both", "--scope", "global") == 2
     err = capsys.readouterr().err
     assert "--k 5 does not divide mining.batchSize (16)" in err
