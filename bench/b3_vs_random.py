@@ -374,6 +374,8 @@ def main() -> None:
         parser.error("a manifest is needed unless --merge is given")
     defaults = {"tasks": None, "buckets": None, "batch_sizes": [64, 256, 32], "communities": None,
                 "epochs": None, "seeds": [0], "max_length": None, "arms": [*ARMS, "b3++"]} | PRESETS.get(args.preset, {})  # fmt: skip
+    if args.cluster_size:  # an explicit K wins over a preset's K = |B| / communities
+        defaults["communities"] = None
     for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
