@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import json
 import logging
 import os
@@ -99,6 +100,8 @@ def sweep_command(job, args) -> int:
     from b3 import sweep
     from b3.artifacts import Artifacts
 
+    if args.plot and importlib.util.find_spec("matplotlib") is None:
+        raise DataError("--plot needs matplotlib: pip install matplotlib (or b3-operator[bench])")
     batch_size = job.spec.mining.batch_size
     k = args.k or [k for k in (8, 16, 32) if batch_size % k == 0] or [job.spec.mining.cluster_size]
     grid = sweep.Grid(p=args.p, m=args.m, k=k, edges=args.edges, scopes=args.scope)

@@ -68,7 +68,7 @@ def test_each_point_measures_what_partition_and_inspect_would(tmp_path, tiny_spe
     assert own["s_inside"] == stats["s_edges_inside_share"]
 
 
-def test_sweep_refuses_bad_grids_and_a_missing_rank_stage(tmp_path, tiny_spec, capsys):
+def test_sweep_refuses_bad_grids_and_a_missing_rank_stage(tmp_path, tiny_spec, capsys, monkeypatch):
     manifest = write_manifest(tmp_path, tiny_spec)
     assert run("inspect", manifest, "--sweep") == 2
     assert "rank" in capsys.readouterr().err
@@ -81,3 +81,9 @@ def test_sweep_refuses_bad_grids_and_a_missing_rank_stage(tmp_path, tiny_spec, c
     err = capsys.readouterr().err
     assert "--k 5 does not divide mining.batchSize (16)" in err
     assert "--edges both: mutual or union" in err and "--scope global: per-task or whole-set" in err
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real_find_spec(name, *a))
+    assert run("inspect", manifest, "--sweep", "--plot", tmp_path / "x.png") == 2
+    assert "--plot needs matplotlib" in capsys.readouterr().err
