@@ -179,7 +179,12 @@ class MiningSpec(_Model):
         30, ge=0, description="Top teacher ranks skipped as likely false negatives (paper's p)."
     )
     m: int = Field(100, ge=1, description="Ranks kept after the skipped ones (paper's m).")
-    cluster_size: int = Field(32, ge=2, description="Community size K (the partitioner gives exactly K).")
+    cluster_size: int = Field(
+        16,
+        ge=2,
+        description="Community size K (the partitioner gives exactly K). Default 16: |B|/4 at the default "
+        "batchSize; K = |B| lost 0.9-1.2 nDCG@10 points against K = |B|/4 on Debian (README).",
+    )
     batch_size: int = Field(
         64, ge=2, description="Global batch size |B|; a multiple of clusterSize."
     )

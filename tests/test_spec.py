@@ -29,7 +29,7 @@ def errors_of(spec: dict) -> list[str]:
 
 def test_defaults_follow_the_paper():
     spec = parse_spec(MINIMAL)
-    assert (spec.mining.p, spec.mining.m, spec.mining.cluster_size) == (30, 100, 32)
+    assert (spec.mining.p, spec.mining.m, spec.mining.cluster_size) == (30, 100, 16)
     assert spec.mining.per_task and not spec.mining.mix_tasks and spec.mining.edges == "mutual"
     assert spec.mining.hard_negatives == 0
     assert spec.training.temperature == 0.02
