@@ -67,13 +67,14 @@ def sweep(job: B3Job, grid: Grid, top_k: int) -> dict:
     """Batch statistics for every grid point (see the module docstring), with the random
     baselines' hardness; needs the rank stage's embeddings only."""
     spec = job.spec
-    Artifacts(spec).require("rank")
+    artifacts = Artifacts(spec)
+    artifacts.require("rank")
     mining = spec.mining
     pairs = load_pairs(spec.dataset, min_rows=mining.batch_size)
     problems = grid.problems(mining.batch_size, len(pairs))
     if problems:
         raise SpecError(problems)
-    q_emb, p_emb = read_embeddings(Artifacts(spec).work)
+    q_emb, p_emb = read_embeddings(artifacts.work)
     task_groups = assign_mining_groups(pairs.tasks, True, mining.pool_below, mining.batch_size)
     random = {
         "random": RandomBatchSampler(len(pairs), mining.batch_size, mix_tasks=True, seed=mining.seed),
@@ -83,43 +84,45 @@ def sweep(job: B3Job, grid: Grid, top_k: int) -> dict:
                  for kind, s in random.items()}  # fmt: skip
     widest = max(grid.p) + max(grid.m)
     points = []
-    combos = list(itertools.product(grid.p, grid.m, grid.k, grid.edges))
-    with progress(len(combos) * len(grid.scopes), "sweep", unit="point") as bar:
+    windows = list(itertools.product(grid.p, grid.m))
+    cuts = list(itertools.product(grid.k, grid.edges))
+    with progress(len(windows) * len(cuts) * len(grid.scopes), "sweep", unit="point") as bar:
         for scope in grid.scopes:
             groups = task_groups if scope == "per-task" else assign_mining_groups(
                 pairs.tasks, False, mining.pool_below, mining.batch_size)  # fmt: skip
             neighbors, _ = rank_groups(q_emb, p_emb, groups, pairs.positive_group, widest,
                                        budget_bytes=spec.rank.memory_budget_mib << 20)  # fmt: skip
             sizes = np.bincount(groups.of_row)
-            for p, m, k, edges in combos:
-                started = time.perf_counter()
+            for p, m in windows:  # what depends on the window only, once per window
                 clamped = np.array([clamp_window(int(size) - 1, p, m) for size in sizes])
                 skip, window = clamped[groups.of_row, 0], clamped[groups.of_row, 1]
-                point = mining.model_copy(update={"p": p, "m": m, "cluster_size": k, "edges": edges,
-                                                  "per_task": scope == "per-task", "mix_tasks": scope == "whole-set"})  # fmt: skip
-                clusters, cut = communities(neighbors, groups.of_row, len(groups.names), skip, window, point)
-                batches = B3BatchSampler(clusters, mining.batch_size, groups.of_row, mix_tasks=point.mix_tasks,
-                                         seed=mining.seed).batches(0)  # fmt: skip
-                batch_of = np.full(len(pairs), -1, dtype=np.int64)
-                for b, rows in enumerate(batches):
-                    batch_of[rows] = b
-                kept = batch_of >= 0
                 rank = np.arange(widest)[None, :]
                 window_ranks = np.where((rank >= skip[:, None]) & (rank < (skip + window)[:, None]), neighbors, -1)
                 top_p = np.where(rank < skip[:, None], neighbors, -1)
-                hard = batch_hardness(batches, q_emb, p_emb, pairs.positive_group, top_k)
-                points.append({
-                    "scope": scope, "p": p, "m": m, "k": k, "edges": edges,
-                    "hardness": hard["topk_negative"],
-                    "vs_random": hard["topk_negative"] / baselines["random"]["topk_negative"],
-                    "vs_random_same_task": hard["topk_negative"] / baselines["random_same_task"]["topk_negative"],
-                    "window_in_batch": float(in_batch_counts(batch_of, window_ranks)[kept].mean()),
-                    "top_p_in_batch": float(in_batch_counts(batch_of, top_p)[kept].mean()),
-                    "above_positive": hard["above_positive"],
-                    "s_inside": cut["s_edges_inside_share"],
-                    "seconds": round(time.perf_counter() - started, 2),
-                })  # fmt: skip
-                bar.update(1)
+                for k, edges in cuts:
+                    started = time.perf_counter()
+                    point = mining.model_copy(update={"p": p, "m": m, "cluster_size": k, "edges": edges,
+                                                      "per_task": scope == "per-task", "mix_tasks": scope == "whole-set"})  # fmt: skip
+                    clusters, cut = communities(neighbors, groups.of_row, len(groups.names), skip, window, point)
+                    batches = B3BatchSampler(clusters, mining.batch_size, groups.of_row, mix_tasks=point.mix_tasks,
+                                             seed=mining.seed).batches(0)  # fmt: skip
+                    batch_of = np.full(len(pairs), -1, dtype=np.int64)
+                    for b, rows in enumerate(batches):
+                        batch_of[rows] = b
+                    kept = batch_of >= 0
+                    hard = batch_hardness(batches, q_emb, p_emb, pairs.positive_group, top_k)
+                    points.append({
+                        "scope": scope, "p": p, "m": m, "k": k, "edges": edges,
+                        "hardness": hard["topk_negative"],
+                        "vs_random": hard["topk_negative"] / baselines["random"]["topk_negative"],
+                        "vs_random_same_task": hard["topk_negative"] / baselines["random_same_task"]["topk_negative"],
+                        "window_in_batch": float(in_batch_counts(batch_of, window_ranks)[kept].mean()),
+                        "top_p_in_batch": float(in_batch_counts(batch_of, top_p)[kept].mean()),
+                        "above_positive": hard["above_positive"],
+                        "s_inside": cut["s_edges_inside_share"],
+                        "seconds": round(time.perf_counter() - started, 2),
+                    })  # fmt: skip
+                    bar.update(1)
     return {"rows": len(pairs), "batch_size": mining.batch_size, "top_k": top_k, "seed": mining.seed,
             "partitioner": mining.partitioner, "baselines": baselines, "points": points}  # fmt: skip
 

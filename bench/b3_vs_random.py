@@ -385,8 +385,12 @@ def main() -> None:
         args.steps = 500
     if args.cluster_size and args.communities:
         parser.error("give --cluster-size or --communities, not both")
-    k_of = (lambda b: args.cluster_size) if args.cluster_size else (lambda b: b // (args.communities or 1)) \
-        if args.communities else (lambda b: 16)  # fmt: skip
+    def k_of(batch_size: int) -> int:
+        """K at this |B|: --cluster-size, else |B| / --communities, else 16."""
+        if args.cluster_size:
+            return args.cluster_size
+        return batch_size // args.communities if args.communities else 16
+
     bad_k = [b for b in args.batch_sizes if k_of(b) < 2 or b % k_of(b)]
     if bad_k:
         parser.error(f"K does not divide (or is below 2 at) batch sizes {bad_k}")
