@@ -41,8 +41,9 @@ from b3.storage import WorkDir, fingerprint
 VERSIONS = {"embed": 1, "rank": 2, "partition": 2, "train": 2}
 
 # Dotted paths into the camelCase spec (`spec.model_dump(by_alias=True)`); a section path
-# covers the whole section. Fields of no stage: rank.* (workers and memory change how, not
-# what), teacher.batchSize and teacher.device, workDir, and the Kubernetes sections.
+# covers the whole section. Fields of no stage: rank.* and mining.partitionerThreads (workers,
+# threads and memory change how, not what), teacher.batchSize and teacher.device, workDir,
+# and the Kubernetes sections.
 _DATASET = ["dataset.uri", "dataset.format", "dataset.columns", "dataset.split"]
 _TEACHER = ["teacher.model", "teacher.pooling", "teacher.maxLength", "teacher.dtype",
             "teacher.usePrompts"]  # fmt: skip

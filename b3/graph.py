@@ -57,12 +57,20 @@ def build_graph(window: np.ndarray, mutual: bool = True) -> Graph:
     # Sorting each short row (numpy's SIMD sort) makes duplicates adjacent and hands scipy a
     # canonical CSR, which is cheaper than letting scipy sort and deduplicate it.
     rows = np.sort(window.astype(index, copy=False), axis=1)
-    valid = (rows >= 0) & (rows != np.arange(n, dtype=index)[:, None])
-    valid[:, 1:] &= rows[:, 1:] != rows[:, :-1]
-    indptr = np.concatenate([[0], np.cumsum(valid.sum(1))]).astype(
-        np.int64 if valid.sum() >= 2**31 else index
-    )
-    a = sp.csr_matrix((np.ones(int(indptr[-1]), dtype=np.int8), rows[valid], indptr), shape=(n, n))
+    if rows.size and (rows[:, 0].min() < -1 or rows[:, -1].max() >= n):  # sorted: ends are extremes
+        raise ValueError(f"neighbour ids must lie in -1..{n - 1} (-1: none)")
+    self_loop = rows == np.arange(n, dtype=index)[:, None]
+    repeat = rows[:, 1:] == rows[:, :-1]
+    if rows.size and rows[:, 0].min() >= 0 and not self_loop.any() and not repeat.any():
+        # the rank stage's usual output: full windows, nothing to drop, no gather needed
+        counts, data = np.full(n, rows.shape[1]), rows.ravel()
+    else:
+        valid = rows >= 0
+        valid &= ~self_loop
+        valid[:, 1:] &= ~repeat
+        counts, data = np.count_nonzero(valid, axis=1), rows[valid]
+    indptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64 if len(data) >= 2**31 else index)
+    a = sp.csr_matrix((np.ones(len(data), dtype=np.int8), data, indptr), shape=(n, n))
     a.has_canonical_format = True  # sorted, duplicate-free rows (see above)
     sym = a.multiply(a.T) if mutual else a + a.T  # O(edges): scipy merges sorted rows
     sym = sp.csr_matrix(sym)
@@ -82,11 +90,13 @@ def metis_parts(graph: Graph, n_parts: int, seed: int) -> tuple[np.ndarray, int]
     return np.asarray(result.vertex_part, dtype=np.int64), int(result.edge_cuts)
 
 
-def kaminpar_parts(graph: Graph, k: int, seed: int) -> tuple[np.ndarray, int]:
-    """KaMinPar (its large-k fast configuration, one thread) with block weight limits of
-    exactly K (and N % K for the last): (part of each vertex, KaMinPar's edge cut). Its Python
-    binding reads graphs from files only: the CSR arrays go to a ParHIP binary file (a
-    24-byte header, byte offsets of each adjacency list, the adjacency lists; 64-bit ids)."""
+def kaminpar_parts(graph: Graph, k: int, seed: int, threads: int = 1) -> tuple[np.ndarray, int]:
+    """KaMinPar (its large-k fast configuration) with block weight limits of exactly K (and
+    N % K for the last): (part of each vertex, KaMinPar's edge cut). One thread is
+    deterministic for a seed; more are faster and are not (its parallel label propagation
+    visits nodes in the order threads reach them). Its Python binding reads graphs from files
+    only: the CSR arrays go to a ParHIP binary file (a 24-byte header, byte offsets of each
+    adjacency list, the adjacency lists; 64-bit ids)."""
     try:
         import kaminpar
     except ImportError:
@@ -108,20 +118,20 @@ def kaminpar_parts(graph: Graph, k: int, seed: int) -> tuple[np.ndarray, int]:
                 f.write(memoryview(part))
         loaded = kaminpar.load_graph(path, kaminpar.GraphFileFormat.PARHIP)
     kaminpar.reseed(seed)
-    parts = _kaminpar().compute_partition(loaded, max_block_weights=limits)
+    parts = _kaminpar(threads).compute_partition(loaded, max_block_weights=limits)
     return np.asarray(parts, dtype=np.int64), int(kaminpar.edge_cut(loaded, parts))
 
 
 @functools.cache
-def _kaminpar():
-    """One KaMinPar per process, one thread: it also holds TBB's thread limit for the process
-    (a fresh instance per call let runs differ under load: not deterministic for a seed)."""
+def _kaminpar(threads: int):
+    """One KaMinPar per process and thread count: it also holds TBB's thread limit for the
+    process (a fresh instance per call let one-thread runs differ under load)."""
     import kaminpar
 
-    return kaminpar.KaMinPar(num_threads=1, ctx=kaminpar.largek_fast_context())
+    return kaminpar.KaMinPar(num_threads=threads, ctx=kaminpar.largek_fast_context())
 
 
-PARTITIONERS = {"metis": lambda graph, k, seed: metis_parts(graph, -(-graph.n // k), seed),
+PARTITIONERS = {"metis": lambda graph, k, seed, threads=1: metis_parts(graph, -(-graph.n // k), seed),
                 "kaminpar": kaminpar_parts}  # fmt: skip
 
 
@@ -150,6 +160,8 @@ def rebalance(
     n = len(labels)
     n_labels = max(int(labels.max()) + 1 if n else 0, -(-n // k))
     cap = _target_sizes(labels, n_labels, k)
+    if (np.bincount(labels, minlength=n_labels) == cap).all():  # exact already (KaMinPar)
+        return _renumber(labels)
     rng = np.random.default_rng(seed)
     tiebreak = rng.random(n)
     rows = graph.edge_rows()
@@ -192,16 +204,23 @@ def rebalance(
     if len(pool):
         slots = np.repeat(np.arange(n_labels), deficit)
         out[rng.permutation(pool)] = slots
-    # compact ids 0..C-1, numbered by first appearance so the result does not depend on METIS ids
-    _, first_seen, compact = np.unique(out, return_index=True, return_inverse=True)
+    return _renumber(out)
+
+
+def _renumber(labels: np.ndarray) -> np.ndarray:
+    """Compact ids 0..C-1 numbered by first appearance, so that the result does not depend on
+    the partitioner's own block ids."""
+    _, first_seen, compact = np.unique(labels, return_index=True, return_inverse=True)
     renumber = np.empty(len(first_seen), dtype=np.int64)
     renumber[np.argsort(first_seen, kind="stable")] = np.arange(len(first_seen))
     return renumber[compact]
 
 
-def partition_graph(graph: Graph, k: int, seed: int = 0, partitioner: str = "kaminpar") -> tuple[np.ndarray, int]:
+def partition_graph(
+    graph: Graph, k: int, seed: int = 0, partitioner: str = "kaminpar", threads: int = 1
+) -> tuple[np.ndarray, int]:
     """Communities of size k: (community of each vertex, the partitioner's own edge cut)."""
-    labels, cut = PARTITIONERS[partitioner](graph, k, seed)
+    labels, cut = PARTITIONERS[partitioner](graph, k, seed, threads)
     return rebalance(labels, graph, k, seed), cut
 
 

@@ -197,9 +197,16 @@ class MiningSpec(_Model):
     )
     partitioner: Literal["kaminpar", "metis"] = Field(
         "kaminpar",
-        description="Graph partitioner: kaminpar (KaMinPar, one thread, exact block sizes; 3x faster "
-        "than METIS at 1M rows with an 11% lower edge cut in bench/partition_scale.py; wheels for "
-        "Linux and macOS arm64) or metis (pymetis).",
+        description="Graph partitioner: kaminpar (KaMinPar, exact block sizes; 3x faster than METIS "
+        "at 1M rows with an 11% lower edge cut in bench/partition_scale.py; wheels for Linux and "
+        "macOS arm64) or metis (pymetis).",
+    )
+    partitioner_threads: int = Field(
+        1,
+        ge=1,
+        le=1024,
+        description="KaMinPar's threads. 1 is deterministic for a seed; more are faster (1.6x with 2 "
+        "at 1M rows) but two runs may differ. METIS is sequential: metis needs 1.",
     )
     min_task_size: int | None = Field(
         None,
@@ -216,6 +223,11 @@ class MiningSpec(_Model):
         if self.batch_size % self.cluster_size:
             errors.append(
                 f"clusterSize ({self.cluster_size}) must divide batchSize ({self.batch_size})"
+            )
+        if self.partitioner == "metis" and self.partitioner_threads > 1:
+            errors.append(
+                f"partitionerThreads ({self.partitioner_threads}) needs partitioner kaminpar: "
+                "METIS (pymetis) runs on one thread"
             )
         if not self.per_task and not self.mix_tasks:
             errors.append(

@@ -180,9 +180,14 @@ def read_topk(work: WorkDir, columns: list[str] | None = None) -> tuple[pa.Table
     (N, max window) array padded with -1."""
     if columns is not None and "neighbors" not in columns:
         columns = [*columns, "neighbors"]
-    table = pq.read_table(work.path("rank", "topk.parquet"), filesystem=work.fs, columns=columns)
+    path = work.path("rank", "topk.parquet")
+    table = pq.read_table(path, filesystem=work.fs, columns=columns)
     lists = table.column("neighbors").combine_chunks()
     flat = lists.flatten().to_numpy()
+    if len(flat) and (flat.min() < -1 or flat.max() >= table.num_rows):
+        bad = flat[(flat < -1) | (flat >= table.num_rows)][0]
+        raise DataError(f"{path}: neighbour id {bad} is not a row of its {table.num_rows} rows; the "
+                        "rank output is damaged: run `b3 rank` again")  # fmt: skip
     lengths = np.diff(lists.offsets.to_numpy())
     width = int(lengths.max()) if len(lengths) else 0
     if (lengths == width).all():  # the usual case: every row kept its full window
@@ -221,14 +226,17 @@ def communities(
             s = np.where(s >= 0, local[np.maximum(s, 0)], -1)
         graph = graphs.build_graph(s, mutual=mining.edges == "mutual")
         partitioner_started = time.perf_counter()
-        labels, g_cut = graphs.PARTITIONERS[mining.partitioner](graph, mining.cluster_size, mining.seed)
+        labels, g_cut = graphs.PARTITIONERS[mining.partitioner](
+            graph, mining.cluster_size, mining.seed, mining.partitioner_threads
+        )
         partitioner_seconds += time.perf_counter() - partitioner_started
         comm = graphs.rebalance(labels, graph, mining.cluster_size, mining.seed)
         clusters[rows] = comm + next_id
         next_id += int(comm.max()) + 1
-        valid = s >= 0
-        s_inside += int(((comm[:, None] == comm[s]) & valid).sum())  # comm[-1] is masked by valid
-        s_total += int(valid.sum())
+        # a trailing -1 entry makes comm_or_none[-1] (no neighbour) match no community
+        comm_or_none = np.append(comm, -1).astype(np.int32)
+        s_inside += int(np.count_nonzero(comm_or_none[:-1, None] == comm_or_none[s]))
+        s_total += int(np.count_nonzero(s >= 0))
         cut += graphs.edge_cut(graph, comm)
         partitioner_cut += g_cut
         edges += graph.edges

@@ -23,6 +23,8 @@ import pyarrow.fs as pafs
 import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 
+ROW_GROUP_ROWS = 128 * 1024
+
 
 def fingerprint(*parts: Any) -> str:
     """A stable sha256 of JSON-serialisable parts (dict key order does not matter)."""
@@ -106,7 +108,9 @@ class WorkDir:
 
     def write_parquet(self, table: pa.Table, *parts: str) -> None:
         buf = io.BytesIO()
-        pq.write_table(table, buf, compression="zstd")
+        # row groups of 128k rows: readers decode them in parallel (topk.parquet at 1M rows:
+        # 2.7 s as one group, 1.5 s in eight on 2 cores)
+        pq.write_table(table, buf, compression="zstd", row_group_size=ROW_GROUP_ROWS)
         self.write_bytes(buf.getvalue(), *parts)
 
     def read_parquet(self, *parts: str) -> pa.Table:

@@ -40,6 +40,8 @@ CEL_RULES: list[tuple[str, str, str]] = [
     ("mining", "self.batchSize % self.clusterSize == 0", "clusterSize must divide batchSize"),
     ("mining", "self.perTask || self.mixTasks",
      "perTask false builds communities across tasks: set mixTasks true, or keep perTask true"),
+    ("mining", "self.partitioner == 'kaminpar' || self.partitionerThreads == 1",
+     "partitionerThreads needs partitioner kaminpar: METIS (pymetis) runs on one thread"),
     ("training", "!(has(self.steps) && has(self.epochs))", "give steps or epochs, not both"),
     ("", "self.mining.batchSize % (self.training.nodes * self.training.processesPerNode) == 0",
      "mining.batchSize must be divisible by training.nodes x training.processesPerNode"),

@@ -32,6 +32,7 @@ CHANGES = {
     "rank.workers": 3, "rank.gpusPerWorker": 1.0, "rank.memoryBudgetMib": 64,
     "mining.p": 3, "mining.m": 9, "mining.clusterSize": 8, "mining.batchSize": 32, "mining.seed": 1,
     "mining.perTask": False, "mining.mixTasks": False, "mining.edges": "union", "mining.partitioner": "metis",
+    "mining.partitionerThreads": 2,
     "mining.minTaskSize": "flip", "mining.hardNegatives": 2,
     "training.student": "other/student", "training.pooling": "cls", "training.maxLength": 64,
     "training.sampler": "random", "training.falseNegatives": "top-p", "training.temperature": 0.05,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -41,6 +42,29 @@ def test_graph_is_symmetric_simple_and_mutual_means_both_ways(case):
     assert edge_set(mutual) == {(i, j) for i, j in listed if (j, i) in listed}
 
 
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(2, 60), width=st.integers(1, 8), seed=st.integers(0, 1000))
+def test_full_windows_of_distinct_neighbours_give_the_same_graph(n, width, seed):
+    """The rank stage's usual output (full windows, distinct neighbours, never the row itself)
+    skips the masking; it must build the graph the masked path builds from the same lists."""
+    rng = np.random.default_rng(seed)
+    width = min(width, n - 1)
+    window = np.stack([rng.permutation(np.delete(np.arange(n), i))[:width] for i in range(n)])
+    padded = np.concatenate([window, np.full((n, 1), -1)], axis=1)  # forces the masked path
+    for mutual in (True, False):
+        fast, masked = build_graph(window, mutual=mutual), build_graph(padded, mutual=mutual)
+        assert np.array_equal(fast.indptr, masked.indptr)
+        assert np.array_equal(fast.indices, masked.indices)
+
+
+def test_neighbour_ids_outside_the_rows_are_refused():
+    """A damaged window would otherwise reach the partitioner as an invalid CSR (KaMinPar
+    segfaults on one)."""
+    for bad in (5, -2):
+        with pytest.raises(ValueError, match="neighbour ids must lie in -1..4"):
+            build_graph(np.array([[1, 2], [0, bad], [0, 1], [4, -1], [3, 2]]))
+
+
 def planted(n_comm: int, k: int, m: int, noise: float, seed: int):
     """Each row lists m mates: mostly from its own planted community, `noise` share random."""
     rng = np.random.default_rng(seed)
@@ -55,8 +79,6 @@ def planted(n_comm: int, k: int, m: int, noise: float, seed: int):
         window[i] = np.where(rng.random(m) < noise, random, np.resize(own, m))
     return truth, window
 
-
-import pytest  # noqa: E402
 
 PARTITIONERS = ["metis", pytest.param("kaminpar", marks=pytest.mark.skipif(
     __import__("importlib").util.find_spec("kaminpar") is None, reason="pip install kaminpar"))]  # fmt: skip
@@ -99,6 +121,23 @@ def test_kaminpar_blocks_are_exactly_k_before_any_rebalancing(n, k, m, seed):
     assert sorted(np.bincount(parts).tolist()) == sorted([k] * (n // k) + ([n % k] if n % k else []))
     assert cut == edge_cut(g, parts)
     assert np.array_equal(kaminpar_parts(g, k, seed)[0], parts)  # deterministic for a seed
+
+
+@pytest.mark.skipif(__import__("importlib").util.find_spec("kaminpar") is None, reason="pip install kaminpar")
+def test_kaminpar_on_several_threads_keeps_exact_sizes_and_finds_planted_communities():
+    """mining.partitionerThreads > 1 gives up determinism, not the contract or the quality."""
+    from b3.graph import kaminpar_parts
+
+    truth, window = planted(n_comm=40, k=16, m=10, noise=0.1, seed=5)
+    window = np.where(window < 630, window, -1)[:630]  # 39 communities of 16 and 6 left over
+    g = build_graph(window, mutual=True)
+    parts, cut = kaminpar_parts(g, 16, seed=0, threads=2)
+    assert sorted(np.bincount(parts).tolist()) == [6] + [16] * 39
+    assert cut == edge_cut(g, parts)
+    communities, _ = partition_graph(g, 16, seed=0, partitioner="kaminpar", threads=2)
+    same = truth[:630][:, None] == truth[:630][None, :]
+    together = communities[:, None] == communities[None, :]
+    assert (same & together).sum() / same.sum() > 0.9  # planted mates stay together
 
 
 @settings(max_examples=100, deadline=None)

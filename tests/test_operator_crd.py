@@ -159,6 +159,9 @@ def test_cel_rules_agree_with_b3_spec_on_edge_cases():
         ({"mining": {"batchSize": 64, "clusterSize": 16}, "training": {"nodes": 2, "processesPerNode": 4, "miniBatchSize": 9}}, False),
         ({"mining": {"batchSize": 48, "clusterSize": 16, "perTask": False, "mixTasks": True}}, True),
         ({"mining": {"batchSize": 48, "clusterSize": 16, "perTask": False}}, False),
+        ({"mining": {"partitioner": "kaminpar", "partitionerThreads": 4}}, True),
+        ({"mining": {"partitioner": "metis", "partitionerThreads": 4}}, False),
+        ({"mining": {"partitioner": "metis", "partitionerThreads": 1}}, True),
     ]  # fmt: skip
     for change, ok in cases:
         doc = copy.deepcopy(base)

@@ -66,6 +66,10 @@ def test_round_trip_through_the_manifest_form():
         ({"training": {"steps": 10, "epochs": 1}}, "spec.training: give steps or epochs, not both"),
         ({"mining": {"perTask": False}}, "set mixTasks true, or keep perTask true"),
         (
+            {"mining": {"partitioner": "metis", "partitionerThreads": 2}},
+            "partitionerThreads (2) needs partitioner kaminpar: METIS (pymetis) runs on one thread",
+        ),
+        (
             {"training": {"nodes": 3}},
             "mining.batchSize (64) must be divisible by the 3 training processes",
         ),

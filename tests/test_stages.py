@@ -441,3 +441,23 @@ def test_the_partition_stage_with_kaminpar(tmp_path, tiny_spec, monkeypatch, cap
     capsys.readouterr()
     assert run("partition", other) == 2
     assert "mining.partitioner: kaminpar is not installed here" in capsys.readouterr().err
+
+
+def test_a_damaged_rank_output_stops_the_partition_stage_with_its_reason(tmp_path, tiny_spec, capsys):
+    """A neighbour id outside topk.parquet's rows would reach the partitioner as an invalid
+    graph (KaMinPar segfaults on one): exit 2 naming the file and the id, rank kept."""
+    manifest = write_manifest(tmp_path, tiny_spec)
+    assert run("rank", manifest) == 0
+    path = tmp_path / "work" / "rank" / "topk.parquet"
+    table = pq.read_table(path)
+    lists = table.column("neighbors").combine_chunks()
+    flat = lists.flatten().to_numpy().copy()
+    flat[7] = table.num_rows + 3
+    damaged = pa.ListArray.from_arrays(lists.offsets, pa.array(flat, lists.type.value_type))
+    pq.write_table(table.set_column(table.schema.get_field_index("neighbors"), "neighbors", damaged), path)
+    capsys.readouterr()
+    assert run("partition", manifest) == 2
+    err = capsys.readouterr().err
+    assert f"neighbour id {table.num_rows + 3} is not a row of its {table.num_rows} rows" in err
+    assert "topk.parquet" in err and "run `b3 rank` again" in err
+    assert path.exists() and not (tmp_path / "work" / "partition" / "clusters.parquet").exists()
