@@ -23,13 +23,13 @@ import argparse
 import json
 import multiprocessing as mp
 import os
-import platform
 import resource
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import machine
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,13 +58,6 @@ def synthetic_window(n: int, m: int, seed: int) -> np.ndarray:
         check = check[repeats | (window[check, n_own:] == check[:, None]).any(axis=1)]
         window[check, n_own:] = rng.integers(0, n, (len(check), m - n_own))
     return window
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown CPU"
 
 
 def bench_spec(work: str, m: int, k: int, partitioner: str = "metis", threads: int = 1):
@@ -194,7 +187,7 @@ def main() -> None:
         "question": "partition stage end to end: mining.partitioner metis (pymetis) vs kaminpar "
                     "(largek_fast) on one thread and on --threads, mutual S-graph",
         "rows": rows,
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {cpu_model()}",
+        "machine": machine.describe(),
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")

@@ -15,11 +15,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
 
+import machine
 import numpy as np
 import torch
 
@@ -124,7 +124,7 @@ def main() -> None:
         "max_kth_score_gap": kth_gap,
         "torch": torch.__version__,
         "faiss": faiss.__version__,
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "machine": machine.describe(),
     }
     print(json.dumps(result, indent=2))
     out = (
