@@ -125,6 +125,8 @@ def main() -> None:
         "torch": torch.__version__,
         "faiss": faiss.__version__,
         "machine": machine.describe(),
+        # faiss-cpu's wheel bundles an OpenBLAS that may not know a newer CPU (then set this)
+        "openblas_coretype": os.environ.get("OPENBLAS_CORETYPE"),
     }
     print(json.dumps(result, indent=2))
     out = (

@@ -1,6 +1,6 @@
 """Can a CPU teacher run in a cheaper precision and keep its neighbour sets? float32 against
-float16, bfloat16 and int8 dynamic quantisation (every Linear layer; per-tensor and per-channel
-weight scales), same model, texts, batch and length.
+float16, bfloat16, int8 dynamic quantisation (every Linear layer; per-tensor and per-channel
+weight scales) and ONNX Runtime in float32, same model, texts, batch and length.
 
 Rows of the Debian descriptions (default: the sections of the experiment's CPU preset) are
 embedded with each, timed (`--repeats`, the median counts); then each is ranked as the rank
@@ -16,19 +16,25 @@ duplicates excluded, the top p + m kept) and its lists are compared with float32
 
 The issue's bar for a faster CPU runtime: neighbour sets within 1% of float32 (window
 agreement >= 0.99). int8 here is torch's dynamic quantisation (fbgemm/oneDNN kernels; torch
-2.13 marks torch.ao's quantisation deprecated in favour of torchao). Results:
-bench/results/teacher_precision.json.
+2.13 marks torch.ao's quantisation deprecated in favour of torchao). onnxruntime runs the
+model exported by torch.onnx (in a child process: the export leaves the exporting model
+changed) with all graph optimisations, on the same threads; our loop, pooling and
+normalisation around it. Results: bench/results/teacher_precision.json.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing as mp
+import os
 import statistics
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import machine
 import numpy as np
@@ -38,11 +44,54 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "bench" / "results"
 DATA = ROOT.parent / "shared" / "datasets" / "debian-descriptions.parquet"
-PRECISIONS = ["float32", "float16", "bfloat16", "int8", "int8-per-channel"]
+PRECISIONS = ["float32", "float16", "bfloat16", "int8", "int8-per-channel", "onnxruntime"]
+INPUTS = ["input_ids", "attention_mask", "token_type_ids"]
 
 
-def encoder_for(model: str, precision: str, max_length: int, batch_size: int):
-    """A `TextEncoder` computing in `precision`; int8 quantises a float32 model's Linear layers."""
+def export_onnx(model: str, path: str) -> None:
+    """The model's forward (token ids -> last hidden states) as ONNX, batch and length dynamic."""
+    from b3.teacher import TextEncoder
+
+    encoder = TextEncoder(model, dtype="float32", device="cpu")
+    sample = encoder.tokenizer(["a short text", "x"], padding=True, return_tensors="pt")
+    names = [k for k in INPUTS if k in sample]
+
+    class Forward(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, *tensors):
+            return self.inner(**dict(zip(names, tensors, strict=True))).last_hidden_state
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(Forward(encoder.model), tuple(sample[k] for k in names), path, input_names=names,
+                          output_names=["last_hidden_state"], opset_version=17, dynamo=False,
+                          dynamic_axes={k: {0: "batch", 1: "tokens"} for k in [*names, "last_hidden_state"]})  # fmt: skip
+
+
+class OnnxForward:
+    """Stands in for the Hugging Face model inside `TextEncoder`: same call, same output field."""
+
+    def __init__(self, path: str, config):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = torch.get_num_threads()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        self.names = [i.name for i in self.session.get_inputs()]
+        self.config = config
+
+    def __call__(self, **batch):
+        (hidden,) = self.session.run(None, {k: batch[k].numpy() for k in self.names})
+        return SimpleNamespace(last_hidden_state=torch.from_numpy(hidden))
+
+
+def encoder_for(model: str, precision: str, max_length: int, batch_size: int, folder: str):
+    """A `TextEncoder` computing in `precision`: int8 quantises a float32 model's Linear layers,
+    onnxruntime swaps its forward for an ONNX Runtime session."""
     from torch.ao.quantization import (
         default_dynamic_qconfig,
         per_channel_dynamic_qconfig,
@@ -51,8 +100,14 @@ def encoder_for(model: str, precision: str, max_length: int, batch_size: int):
 
     from b3.teacher import TextEncoder
 
-    dtype = "float32" if precision.startswith("int8") else precision
+    dtype = precision if precision in ("float32", "float16", "bfloat16") else "float32"
     encoder = TextEncoder(model, max_length=max_length, batch_size=batch_size, dtype=dtype, device="cpu")
+    if precision == "onnxruntime":
+        path = os.path.join(folder, "model.onnx")
+        child = mp.get_context("spawn").Process(target=export_onnx, args=(model, path))
+        child.start()
+        child.join()
+        encoder.model = OnnxForward(path, encoder.model.config)
     if precision.startswith("int8"):
         qconfig = per_channel_dynamic_qconfig if precision == "int8-per-channel" else default_dynamic_qconfig
         with warnings.catch_warnings():
@@ -115,8 +170,9 @@ def main() -> None:
     k, window = args.p + args.m, slice(args.p, args.p + args.m)
 
     rows, reference = {}, None
+    folder = tempfile.mkdtemp(prefix="b3-precision-")
     for precision in precisions:
-        encoder = encoder_for(args.model, precision, args.max_length, args.batch_size)
+        encoder = encoder_for(args.model, precision, args.max_length, args.batch_size, folder)
         encoder.encode(queries[:256], desc="warm-up")
         seconds = []
         for _ in range(args.repeats):
