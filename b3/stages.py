@@ -38,6 +38,7 @@ from b3.storage import WorkDir
 from b3.teacher import embed_texts, pick_device
 
 log = logging.getLogger(__name__)
+LOG_GROUP_ROWS = 100_000  # groups this large log each step of their partition
 
 # --- rank --------------------------------------------------------------------------------
 
@@ -225,11 +226,18 @@ def communities(
             local[rows] = np.arange(len(rows))
             s = np.where(s >= 0, local[np.maximum(s, 0)], -1)
         graph = graphs.build_graph(s, mutual=mining.edges == "mutual")
+        big = len(rows) >= LOG_GROUP_ROWS  # the bar moves per group: say what a long one is doing
+        if big:
+            log.info("partition: group %d/%d, %d rows: graph of %d edges; %s with %d thread(s)", g + 1,
+                     n_groups, len(rows), graph.edges, mining.partitioner, mining.partitioner_threads)  # fmt: skip
         partitioner_started = time.perf_counter()
         labels, g_cut = graphs.PARTITIONERS[mining.partitioner](
             graph, mining.cluster_size, mining.seed, mining.partitioner_threads
         )
         partitioner_seconds += time.perf_counter() - partitioner_started
+        if big:
+            log.info("partition: group %d/%d cut in %.1f s (edge cut %d); rebalancing and statistics",
+                     g + 1, n_groups, time.perf_counter() - partitioner_started, g_cut)  # fmt: skip
         comm = graphs.rebalance(labels, graph, mining.cluster_size, mining.seed)
         clusters[rows] = comm + next_id
         next_id += int(comm.max()) + 1

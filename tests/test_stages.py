@@ -461,3 +461,18 @@ def test_a_damaged_rank_output_stops_the_partition_stage_with_its_reason(tmp_pat
     assert f"neighbour id {table.num_rows + 3} is not a row of its {table.num_rows} rows" in err
     assert "topk.parquet" in err and "run `b3 rank` again" in err
     assert path.exists() and not (tmp_path / "work" / "partition" / "clusters.parquet").exists()
+
+
+def test_a_large_group_logs_each_step_of_its_partition(tmp_path, tiny_spec, monkeypatch, caplog):
+    """The partition bar moves once per group; a group of LOG_GROUP_ROWS or more says in the
+    log when its graph is built and when it is cut, so a long cut is not a silent one."""
+    manifest = write_manifest(tmp_path, tiny_spec)
+    assert run("rank", manifest) == 0
+    monkeypatch.setattr(b3.stages, "LOG_GROUP_ROWS", 50)
+    with caplog.at_level(logging.INFO, logger="b3.stages"):
+        assert run("partition", manifest) == 0
+    steps = [r.getMessage() for r in caplog.records if r.getMessage().startswith("partition: group")]
+    groups = json.loads((tmp_path / "work" / "partition" / "stats.json").read_text())["groups"]
+    assert len(steps) == 2 * groups  # every tiny group has more than 50 rows
+    assert "80 rows: graph of" in steps[0] and "kaminpar with 1 thread(s)" in steps[0]
+    assert "cut in" in steps[1] and "edge cut" in steps[1]
