@@ -93,8 +93,8 @@ def metis_parts(graph: Graph, n_parts: int, seed: int) -> tuple[np.ndarray, int]
 def kaminpar_parts(graph: Graph, k: int, seed: int, threads: int = 1) -> tuple[np.ndarray, int]:
     """KaMinPar (its large-k fast configuration) with block weight limits of exactly K (and
     N % K for the last): (part of each vertex, KaMinPar's edge cut). One thread is
-    deterministic for a seed; more are faster and are not (its parallel label propagation
-    visits nodes in the order threads reach them). Its Python binding reads graphs from files
+    deterministic for a seed; more are faster and are not (two 2-thread runs with one seed gave
+    different blocks in bench/partition_scale.py). Its Python binding reads graphs from files
     only: the CSR arrays go to a ParHIP binary file (a 24-byte header, byte offsets of each
     adjacency list, the adjacency lists; 64-bit ids)."""
     try:
