@@ -42,11 +42,11 @@ import json
 import logging
 import math
 import os
-import platform
 import sys
 import time
 from pathlib import Path
 
+import machine
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -426,7 +426,7 @@ def main() -> None:
 
     started = time.time()
     out.parent.mkdir(parents=True, exist_ok=True)
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"{platform.machine()}, {os.cpu_count()} cores"
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else machine.describe()
     results = {
         "manifest": os.path.relpath(args.manifest, ROOT),
         "preset": args.preset,

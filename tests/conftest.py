@@ -55,6 +55,22 @@ def tiny_model_no_dropout(tmp_path_factory) -> str:
     return _tiny_bert(tmp_path_factory.mktemp("tiny-bert-nodrop"), dropout=0.0)
 
 
+def load_bench(name: str):
+    """A bench/ script as a module, for tests of its own logic. The scripts import their
+    sibling bench/machine.py, so bench/ is on the path while the module loads."""
+    import importlib.util
+
+    bench = Path(__file__).resolve().parents[1] / "bench"
+    sys.path.insert(0, str(bench))
+    try:
+        spec = importlib.util.spec_from_file_location(name, bench / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    finally:
+        sys.path.remove(str(bench))
+
+
 def make_pairs(n: int, tasks: int = 3, seed: int = 0, duplicates: int = 4) -> pa.Table:
     """Synthetic pairs whose positives share words with their queries (so ranking has signal);
     the last `duplicates` rows copy earlier positives verbatim."""

@@ -3,25 +3,9 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
-
-BENCH = Path(__file__).resolve().parents[1] / "bench"
-
-
-def load(name: str):
-    sys.path.insert(0, str(BENCH))  # the scripts import bench/machine.py as a sibling
-    try:
-        spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
-    finally:
-        sys.path.remove(str(BENCH))
+from conftest import load_bench as load
 
 
 def test_the_synthetic_rank_output_lists_distinct_neighbours_mostly_from_the_topic():

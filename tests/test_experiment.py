@@ -3,22 +3,15 @@ evaluates on, and how it compares arms. The trainings themselves are the stages'
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pytest
-from conftest import write_manifest
+from conftest import load_bench, write_manifest
 
 from b3.data import load_pairs, split_bucket
 from b3.evaluation import Ranks, paired_bootstrap, per_query
 from b3.spec import load_manifest
 
-spec = importlib.util.spec_from_file_location(
-    "b3_vs_random", Path(__file__).resolve().parents[1] / "bench" / "b3_vs_random.py"
-)
-experiment = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(experiment)
+experiment = load_bench("b3_vs_random")
 
 
 def test_validation_never_sees_the_test_bucket(tmp_path, tiny_spec):
