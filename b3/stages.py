@@ -225,7 +225,7 @@ def communities(
             local = np.full(n, -1, dtype=np.int64)
             local[rows] = np.arange(len(rows))
             s = np.where(s >= 0, local[np.maximum(s, 0)], -1)
-        graph = graphs.build_graph(s, mutual=mining.edges == "mutual")
+        graph = graphs.build_graph(s, mutual=mining.edges == "mutual", threads=mining.partitioner_threads)
         big = len(rows) >= LOG_GROUP_ROWS  # the bar moves per group: say what a long one is doing
         if big:
             log.info("partition: group %d/%d, %d rows: graph of %d edges; %s with %d thread(s)", g + 1,
@@ -241,10 +241,8 @@ def communities(
         comm = graphs.rebalance(labels, graph, mining.cluster_size, mining.seed)
         clusters[rows] = comm + next_id
         next_id += int(comm.max()) + 1
-        # a trailing -1 entry makes comm_or_none[-1] (no neighbour) match no community
-        comm_or_none = np.append(comm, -1).astype(np.int32)
-        s_inside += int(np.count_nonzero(comm_or_none[:-1, None] == comm_or_none[s]))
-        s_total += int(np.count_nonzero(s >= 0))
+        inside, named = graphs.window_inside(s, comm)
+        s_inside, s_total = s_inside + inside, s_total + named
         cut += graphs.edge_cut(graph, comm)
         partitioner_cut += g_cut
         edges += graph.edges
