@@ -28,19 +28,7 @@ import numpy as np
 import pymetis
 import scipy.sparse as sp
 
-
-def _compiled(**options):
-    """numba.njit cached on disk where numba finds a writable place (beside this file,
-    ~/.cache/numba or NUMBA_CACHE_DIR). Without one (a read-only image and home) numba refuses
-    cache=True at import; then every process compiles its own (about 3 s) instead."""
-
-    def compile_(function):
-        try:
-            return numba.njit(cache=True, **options)(function)
-        except RuntimeError:  # "cannot cache function ...: no locator available"
-            return numba.njit(**options)(function)
-
-    return compile_
+from b3.jit import compiled, use_threads
 
 
 @dataclass(frozen=True)
@@ -80,7 +68,7 @@ def build_graph(window: np.ndarray, mutual: bool = True, threads: int = 1) -> Gr
     if rows.size and (rows[:, 0].min() < -1 or rows[:, -1].max() >= n):  # sorted: ends are extremes
         raise ValueError(f"neighbour ids must lie in -1..{n - 1} (-1: none)")
     if mutual:
-        numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
+        use_threads(threads)
         keep = _mutual_entries(rows)
         indptr = np.concatenate([[0], np.cumsum(np.count_nonzero(keep, axis=1))])
         return Graph(indptr.astype(np.int64), rows[keep].astype(np.int64))
@@ -96,7 +84,7 @@ def build_graph(window: np.ndarray, mutual: bool = True, threads: int = 1) -> Gr
     return Graph(union.indptr.astype(np.int64), union.indices.astype(np.int64))
 
 
-@_compiled(parallel=True)
+@compiled(parallel=True)
 def _mutual_entries(rows: np.ndarray) -> np.ndarray:
     """Which entries of the sorted rows are mutual edges (j in row i and i in row j), each
     pair marked once in both rows; -1, self loops and repeats stay unmarked.
@@ -289,7 +277,7 @@ def edge_cut(graph: Graph, communities: np.ndarray) -> int:
     return _cut_entries(graph.indptr, graph.indices, communities) // 2
 
 
-@_compiled()
+@compiled()
 def _cut_entries(indptr: np.ndarray, indices: np.ndarray, communities: np.ndarray) -> int:
     cut = 0
     for v in range(len(indptr) - 1):
@@ -304,7 +292,7 @@ def window_inside(window: np.ndarray, communities: np.ndarray) -> tuple[int, int
     return _window_inside(window, communities)
 
 
-@_compiled()
+@compiled()
 def _window_inside(window: np.ndarray, communities: np.ndarray) -> tuple[int, int]:
     inside = named = 0
     for i in range(window.shape[0]):

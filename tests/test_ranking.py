@@ -7,6 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from b3 import ranking
 from b3.ranking import (
     POOLED,
     assign_mining_groups,
@@ -53,6 +54,37 @@ def test_rank_topk_equals_brute_force(n, c, d, k, groups, budget, seed):
         kept = idx[row][idx[row] >= 0]
         assert (pg[kept] != qg[row]).all()
         assert (np.diff(val[row][idx[row] >= 0]) <= 1e-6).all()  # best first
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    n=st.integers(1, 30),
+    c=st.integers(1, 50),
+    k=st.integers(1, 60),
+    tile=st.tuples(st.integers(1, 8), st.integers(1, 20)),
+    seed=st.integers(0, 2**16),
+)
+def test_cpu_tiles_of_any_shape_give_the_brute_force_top_k(n, c, k, tile, seed):
+    """The heaps must merge tiles that split rows and candidates anywhere; ties are made
+    likely (scores on a coarse grid) so that equal scores at the k-th place are exercised."""
+    rng = np.random.default_rng(seed)
+    q = rng.integers(-2, 3, (n, 4)).astype(np.float32)
+    p = rng.integers(-2, 3, (c, 4)).astype(np.float32)
+    qg, pg = rng.integers(0, 5, n), rng.integers(0, 5, c)
+    saved = ranking.CPU_TILE_ROWS, ranking.CPU_TILE_COLUMNS
+    ranking.CPU_TILE_ROWS, ranking.CPU_TILE_COLUMNS = tile
+    try:
+        idx, val = rank_topk(q, p, k, qg, pg)
+    finally:
+        ranking.CPU_TILE_ROWS, ranking.CPU_TILE_COLUMNS = saved
+    ref_idx, ref_val = brute_force(q, p, k, qg, pg)
+    np.testing.assert_array_equal(val, ref_val)  # integer grid: exact scores, best first
+    assert ((idx >= 0) == (ref_idx >= 0)).all()
+    s = q @ p.T
+    for row in range(n):  # any of the tied candidates may fill the last places, none other
+        kept = idx[row][idx[row] >= 0]
+        assert len(set(kept)) == len(kept) and (pg[kept] != qg[row]).all()
+        np.testing.assert_array_equal(s[row, kept], val[row][idx[row] >= 0])
 
 
 def test_rank_topk_without_groups_and_with_padding():
