@@ -8,7 +8,17 @@ kernels are then compiled in every process instead (a few seconds) rather than f
 
 from __future__ import annotations
 
+import os
+
 import numba
+
+# numba's default layer on Linux, GNU OpenMP, kills a forked child that runs a parallel kernel
+# after its parent ran one ("fork() called from a process already using GNU OpenMP"), and
+# multiprocessing forks by default there. "forksafe" takes TBB where it is installed, else
+# numba's workqueue (no slower for these kernels here; it refuses concurrent calls from two
+# threads of one process, which b3 never makes). NUMBA_THREADING_LAYER, when set, decides.
+if "NUMBA_THREADING_LAYER" not in os.environ:
+    numba.config.THREADING_LAYER = "forksafe"
 
 
 def compiled(**options):

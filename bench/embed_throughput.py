@@ -19,13 +19,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import sys
 import time
 from pathlib import Path
 
+import machine
 import numpy as np
 import torch
 
@@ -115,7 +114,7 @@ def main() -> None:
         "ours_vs_st": round(rate["ours"] / rate["st"], 3),
         "max_abs_difference": {"ours_vs_raw": float(np.abs(outputs["ours"] - outputs["raw"]).max()),
                                "ours_vs_st": float(np.abs(outputs["ours"] - outputs["st"]).max())},
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
+        "machine": f"{machine.describe()}, torch {torch.__version__}",
     }  # fmt: skip
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")

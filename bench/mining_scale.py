@@ -27,12 +27,12 @@ import argparse
 import json
 import math
 import os
-import platform
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import machine
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -140,7 +140,7 @@ def main() -> None:
         "embed": {**embed, "model": "all-MiniLM-L6-v2", "max_length": 128, "batch_size": 64,
                   "texts": "Debian package descriptions (examples/data/debian-2k.parquet)"},
         "rows": rows,
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "machine": machine.describe(),
     }  # fmt: skip
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")

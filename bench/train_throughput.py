@@ -23,12 +23,13 @@ import gc
 import json
 import multiprocessing as mp
 import os
-import platform
 import sys
 import tempfile
 import time
 from importlib import metadata
 from pathlib import Path
+
+import machine
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -206,7 +207,7 @@ def main() -> None:
             "ratio_b3_over_sentence_transformers": round(st_seconds / our_seconds, 3),
             "torch_threads": __import__("torch").get_num_threads(),
             "versions": {name: metadata.version(name) for name in ("torch", "transformers", "peft", "sentence-transformers")},
-            "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+            "machine": machine.describe(),
         }  # fmt: skip
         print(json.dumps(result, indent=2), flush=True)
     if not args.skip_memory:

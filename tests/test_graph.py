@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -211,3 +212,22 @@ def test_graph_kernels_work_where_numba_has_nowhere_to_cache():
     done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["3", "2"]  # the triangle 0-1-2; row 3 is listed by nobody
+
+
+def test_a_forked_child_runs_the_kernels_after_its_parent_did():
+    """multiprocessing forks on Linux; under GNU OpenMP (numba's default layer there) such a
+    child was killed by SIGTERM ("fork() called from a process already using GNU OpenMP")."""
+    program = (
+        "import multiprocessing as mp\n"
+        "import numpy as np\n"
+        "from b3.graph import build_graph\n"
+        "window = np.array([[1, 2], [0, 2], [0, 1]])\n"
+        "build_graph(window, threads=2)\n"
+        "child = mp.get_context('fork').Process(target=build_graph, args=(window, True, 2))\n"
+        "child.start(); child.join(120)\n"
+        "print(child.exitcode)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_THREADING_LAYER"}
+    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["0"], done.stderr
