@@ -197,7 +197,7 @@ class MiningSpec(_Model):
     )
     partitioner: Literal["kaminpar", "metis"] = Field(
         "kaminpar",
-        description="Graph partitioner: kaminpar (KaMinPar, exact block sizes; the stage 3.7x faster "
+        description="Graph partitioner: kaminpar (KaMinPar, exact block sizes; the stage 3.5-3.8x faster "
         "than with METIS at 1M rows, with a 9% lower edge cut, in bench/partition_scale.py; wheels for "
         "Linux and macOS arm64) or metis (pymetis).",
     )
@@ -206,7 +206,7 @@ class MiningSpec(_Model):
         ge=1,
         le=1024,
         description="Threads for KaMinPar and the mutual-graph build. 1 is deterministic for a seed; more "
-        "are faster (the stage 1.4x with 2 at 1M rows, 5.3x the METIS stage) but two KaMinPar runs may "
+        "are faster (the stage 1.3-1.4x with 2 at 1M rows, 4.8-5.3x the METIS stage) but two KaMinPar runs may "
         "differ. METIS is sequential: metis needs 1.",
     )
     min_task_size: int | None = Field(
