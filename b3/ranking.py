@@ -106,8 +106,9 @@ def _excluded_pairs(query_groups: np.ndarray, sorted_groups: np.ndarray, order: 
 # Xeon they were among the fastest shapes for both 20k x 100k x 768 (synthetic) and the Debian
 # embeddings (d=384), where tiles from 1024 x 2048 to 4096 x 4096 were within this VM's
 # run-to-run noise of each other (up to 40%). 4,000 x 100k x 768: blocks of full rows spent
-# 3.2-3.4 s in the matmul (numpy's OpenBLAS no better) and 0.7-1.2 s in torch.topk; tiles 2.9 s
-# in torch's (MKL) matmul and 0.4 s in the heaps; torch.topk per tile plus a merge 2.4 s.
+# 3.2-3.4 s in the matmul (numpy's OpenBLAS no better) and 0.7-1.2 s in torch.topk; tiles of
+# 512 x 16384 2.9 s in torch's (MKL) matmul and 0.4 s in the heaps; torch.topk per tile of
+# 1024 x 8192 plus a merge 2.4 s.
 # With few candidates the heaps weigh more: tasks of 10k (bench/mining_scale.py at 100k pairs,
 # d=384) spent 3.2 s in them and 3.3 s in the matmul, the rank stage 10.5 s where full rows
 # and torch.topk took 13.2 s. (A reservoir of 2k, faiss's other scheme, was slower than the
