@@ -286,14 +286,10 @@ def _cut_entries(indptr: np.ndarray, indices: np.ndarray, communities: np.ndarra
     return cut
 
 
+@compiled()
 def window_inside(window: np.ndarray, communities: np.ndarray) -> tuple[int, int]:
     """(entries of the window whose row shares the community of the window's row, entries
     that name a row at all): how much of S a partition keeps inside batches."""
-    return _window_inside(window, communities)
-
-
-@compiled()
-def _window_inside(window: np.ndarray, communities: np.ndarray) -> tuple[int, int]:
     inside = named = 0
     for i in range(window.shape[0]):
         for a in range(window.shape[1]):
