@@ -10,7 +10,7 @@ import pytest
 
 from b3_operator import rbac
 
-HANDLERS = Path(__file__).resolve().parents[1] / "operator" / "handlers.py"
+HANDLERS = Path(rbac.__file__).with_name("handlers.py")
 # client method -> (api group, resource, verb)
 CALLS = {
     "read_namespaced_config_map": ("", "configmaps", "get"),
