@@ -2,7 +2,8 @@
 each stage's fingerprint covers, and when a stage's outputs may be trusted.
 
     <workDir>/rank/embeddings.arrow       teacher embeddings (float16), + embeddings.json
-    <workDir>/rank/topk.parquet           p+m ranked neighbours per row
+                                          (write_embeddings, read_embeddings)
+    <workDir>/rank/topk.parquet           p+m ranked neighbours per row (read_topk)
     <workDir>/partition/clusters.parquet  community of each row, + stats.json
     <outputDir>/train/checkpoints/<train fingerprint>/step-N/
     <outputDir>/train/final/{adapter,model}/
@@ -31,6 +32,10 @@ import shutil
 import time
 from functools import cached_property
 from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from b3.data import DataError, dataset_identity
 from b3.spec import B3JobSpec
@@ -238,10 +243,11 @@ class Artifacts:
             "fingerprint"
         ) == self.fingerprint("embed")
 
-    def write_embeddings(self, table) -> None:
+    def write_embeddings(self, ids: np.ndarray, q: np.ndarray, p: np.ndarray) -> None:
+        """The teacher's (N, d) query and positive embeddings of rows `ids`, stored float16."""
         if self.work.exists("rank", "embeddings.json"):  # same protocol as a stage manifest
             self.work.fs.delete_file(self.work.path("rank", "embeddings.json"))
-        self.work.write_arrow(table, "rank", "embeddings.arrow")
+        self.work.write_arrow(_embeddings_table(ids, q, p), "rank", "embeddings.arrow")
         self.work.write_json({"fingerprint": self.fingerprint("embed")}, "rank", "embeddings.json")
 
     # --- train -----------------------------------------------------------------------------
@@ -258,3 +264,59 @@ class Artifacts:
         if not self.out.local or self.done("train") is None:
             return None
         return os.path.join(self.final_dir(), "model")
+
+
+# --- readers and writers of the rank stage's outputs ------------------------------------
+
+
+def _embeddings_table(ids: np.ndarray, q: np.ndarray, p: np.ndarray) -> pa.Table:
+    """rank/embeddings.arrow: row, id and the (N, d) query and positive embeddings as
+    fixed-size float16 vectors."""
+    d = q.shape[1]
+    vec = pa.list_(pa.float16(), d)
+    return pa.table(
+        {
+            "row": pa.array(np.arange(len(ids)), pa.int64()),
+            "id": pa.array(list(ids), pa.string()),
+            "query": pa.FixedSizeListArray.from_arrays(
+                pa.array(q.astype(np.float16).ravel()), d
+            ).cast(vec),
+            "positive": pa.FixedSizeListArray.from_arrays(
+                pa.array(p.astype(np.float16).ravel()), d
+            ).cast(vec),
+        }
+    )
+
+
+def read_embeddings(work: WorkDir) -> tuple[np.ndarray, np.ndarray]:
+    """(query, positive) float32 embeddings per row from rank/embeddings.arrow."""
+    table = work.read_arrow("rank", "embeddings.arrow")
+
+    def column(name: str) -> np.ndarray:
+        col = table.column(name).combine_chunks()
+        d = col.type.list_size
+        return col.flatten().to_numpy().reshape(-1, d).astype(np.float32)
+
+    return column("query"), column("positive")
+
+
+def read_topk(work: WorkDir, columns: list[str] | None = None) -> tuple[pa.Table, np.ndarray]:
+    """topk.parquet (the given columns, plus neighbours) and the neighbours as an
+    (N, max window) array padded with -1."""
+    if columns is not None and "neighbors" not in columns:
+        columns = [*columns, "neighbors"]
+    path = work.path("rank", "topk.parquet")
+    table = pq.read_table(path, filesystem=work.fs, columns=columns)
+    lists = table.column("neighbors").combine_chunks()
+    flat = lists.flatten().to_numpy()
+    if len(flat) and (flat.min() < -1 or flat.max() >= table.num_rows):
+        bad = flat[(flat < -1) | (flat >= table.num_rows)][0]
+        raise DataError(f"{path}: neighbour id {bad} is not a row of its {table.num_rows} rows; the "
+                        "rank output is damaged: run `b3 rank` again")  # fmt: skip
+    lengths = np.diff(lists.offsets.to_numpy())
+    width = int(lengths.max()) if len(lengths) else 0
+    if (lengths == width).all():  # the usual case: every row kept its full window
+        return table, flat.reshape(len(lengths), width)
+    dense = np.full((len(lengths), width), -1, dtype=flat.dtype)
+    dense[np.arange(width)[None, :] < lengths[:, None]] = flat
+    return table, dense

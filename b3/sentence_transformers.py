@@ -63,7 +63,7 @@ class MinedBatches:
         columns = {"anchor": self.rows.queries, "positive": self.rows.positives}
         h = self.spec.mining.hard_negatives
         if h:
-            from b3.stages import read_topk
+            from b3.artifacts import read_topk
 
             hard = self.rows.hard_negatives(self.spec, *read_topk(self.work, ["skip", "window"]))
             negatives = np.zeros((len(self.rows.queries), h), dtype=np.int64)

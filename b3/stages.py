@@ -22,11 +22,10 @@ import time
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from b3 import graph as graphs
 from b3 import stage_metrics
-from b3.artifacts import Artifacts
+from b3.artifacts import Artifacts, read_embeddings, read_topk
 from b3.batches import B3BatchSampler, RandomBatchSampler
 from b3.data import DataError, Pairs, load_pairs
 from b3.hardness import batch_hardness
@@ -52,35 +51,6 @@ def _prompted(pairs: Pairs, job: B3Job) -> tuple[np.ndarray, np.ndarray]:
         np.asarray([a + b for a, b in zip(q_prefix, pairs.queries, strict=True)], dtype=object),
         np.asarray([a + b for a, b in zip(p_prefix, pairs.positives, strict=True)], dtype=object),
     )
-
-
-def _embeddings_table(pairs: Pairs, q: np.ndarray, p: np.ndarray) -> pa.Table:
-    d = q.shape[1]
-    vec = pa.list_(pa.float16(), d)
-    return pa.table(
-        {
-            "row": pa.array(np.arange(len(pairs)), pa.int64()),
-            "id": pa.array(pairs.ids.tolist(), pa.string()),
-            "query": pa.FixedSizeListArray.from_arrays(
-                pa.array(q.astype(np.float16).ravel()), d
-            ).cast(vec),
-            "positive": pa.FixedSizeListArray.from_arrays(
-                pa.array(p.astype(np.float16).ravel()), d
-            ).cast(vec),
-        }
-    )
-
-
-def read_embeddings(work: WorkDir) -> tuple[np.ndarray, np.ndarray]:
-    """(query, positive) float32 embeddings per row from rank/embeddings.arrow."""
-    table = work.read_arrow("rank", "embeddings.arrow")
-
-    def column(name: str) -> np.ndarray:
-        col = table.column(name).combine_chunks()
-        d = col.type.list_size
-        return col.flatten().to_numpy().reshape(-1, d).astype(np.float32)
-
-    return column("query"), column("positive")
 
 
 def _rank_device(spec) -> str:
@@ -119,7 +89,7 @@ def rank_stage(job: B3Job) -> dict:
         p_emb = embed_texts(
             spec.teacher, positives, "embed positives", rs.workers, rs.gpus_per_worker
         )
-        artifacts.write_embeddings(_embeddings_table(pairs, q_emb, p_emb))
+        artifacts.write_embeddings(pairs.ids, q_emb, p_emb)
         # rank on exactly what was stored, so the artifacts reproduce the ranking
         q_emb, p_emb = (
             q_emb.astype(np.float16).astype(np.float32),
@@ -174,28 +144,6 @@ def rank_stage(job: B3Job) -> dict:
 
 
 # --- partition ---------------------------------------------------------------------------
-
-
-def read_topk(work: WorkDir, columns: list[str] | None = None) -> tuple[pa.Table, np.ndarray]:
-    """topk.parquet (the given columns, plus neighbours) and the neighbours as an
-    (N, max window) array padded with -1."""
-    if columns is not None and "neighbors" not in columns:
-        columns = [*columns, "neighbors"]
-    path = work.path("rank", "topk.parquet")
-    table = pq.read_table(path, filesystem=work.fs, columns=columns)
-    lists = table.column("neighbors").combine_chunks()
-    flat = lists.flatten().to_numpy()
-    if len(flat) and (flat.min() < -1 or flat.max() >= table.num_rows):
-        bad = flat[(flat < -1) | (flat >= table.num_rows)][0]
-        raise DataError(f"{path}: neighbour id {bad} is not a row of its {table.num_rows} rows; the "
-                        "rank output is damaged: run `b3 rank` again")  # fmt: skip
-    lengths = np.diff(lists.offsets.to_numpy())
-    width = int(lengths.max()) if len(lengths) else 0
-    if (lengths == width).all():  # the usual case: every row kept its full window
-        return table, flat.reshape(len(lengths), width)
-    dense = np.full((len(lengths), width), -1, dtype=flat.dtype)
-    dense[np.arange(width)[None, :] < lengths[:, None]] = flat
-    return table, dense
 
 
 def communities(

@@ -27,14 +27,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from b3.artifacts import Artifacts
+from b3.artifacts import Artifacts, read_embeddings
 from b3.batches import B3BatchSampler, RandomBatchSampler
 from b3.data import load_pairs
 from b3.hardness import batch_hardness
 from b3.progress import progress
 from b3.ranking import assign_mining_groups, clamp_window, rank_groups
 from b3.spec import B3Job, SpecError
-from b3.stages import communities, read_embeddings
+from b3.stages import communities
 
 SCOPES = ("per-task", "whole-set")
 

@@ -36,7 +36,7 @@ from peft import set_peft_model_state_dict
 from safetensors.torch import load_file
 from transformers import get_linear_schedule_with_warmup
 
-from b3.artifacts import Artifacts
+from b3.artifacts import Artifacts, read_embeddings, read_topk
 from b3.batches import HardNegativeSampler
 from b3.data import DataError
 from b3.errors import TrainingError, TrainingStopped
@@ -47,7 +47,6 @@ from b3.mined import MinedRows
 from b3.model import EmbeddingModel, build_student, export_sentence_transformer
 from b3.model_card import model_card, st_prompts
 from b3.spec import B3Job, spec_to_dict
-from b3.stages import read_embeddings, read_topk
 from b3.storage import fsync_dir
 
 log = logging.getLogger("b3.train")

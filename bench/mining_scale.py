@@ -59,7 +59,6 @@ def write_inputs(work: str, n: int, task_size: int, seed: int) -> None:
 
     from b3.artifacts import Artifacts
     from b3.data import load_pairs
-    from b3.stages import _embeddings_table
 
     ids = np.arange(n).astype(str)
     tasks = (np.arange(n) // task_size).astype(str)
@@ -74,7 +73,7 @@ def write_inputs(work: str, n: int, task_size: int, seed: int) -> None:
     p /= np.linalg.norm(p, axis=1, keepdims=True)
     spec = bench_spec(work)
     pairs = load_pairs(spec.dataset, min_rows=spec.mining.batch_size)
-    Artifacts(spec).write_embeddings(_embeddings_table(pairs, q, p))
+    Artifacts(spec).write_embeddings(pairs.ids, q, p)
 
 
 def run_stage(work: str, stage: str, queue) -> None:

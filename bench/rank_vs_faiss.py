@@ -46,7 +46,7 @@ def synthetic(n_queries: int, n_corpus: int, dim: int, seed: int) -> tuple[np.nd
 
 
 def stage_embeddings(work: str, n_queries: int | None) -> tuple[np.ndarray, np.ndarray]:
-    from b3.stages import read_embeddings
+    from b3.artifacts import read_embeddings
     from b3.storage import WorkDir
 
     q, p = read_embeddings(WorkDir(work))

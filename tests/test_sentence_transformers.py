@@ -87,8 +87,8 @@ def test_b3_plus_plus_negatives_are_columns_from_the_first_epoch(tmp_path, tiny_
     spec = {**tiny_spec, "mining": {**tiny_spec["mining"], "hardNegatives": 2}}
     manifest = write_manifest(tmp_path, spec)
     assert main(["rank", str(manifest)]) == 0 and main(["partition", str(manifest)]) == 0
+    from b3.artifacts import read_topk
     from b3.sentence_transformers import MinedBatches
-    from b3.stages import read_topk
 
     mined = MinedBatches(manifest)
     ds = mined.dataset()
