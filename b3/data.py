@@ -170,18 +170,24 @@ def read_table(spec: DatasetSpec) -> pa.Table:
     return table
 
 
-def _text_column(table: pa.Table, name: str, role: str, uri: str) -> np.ndarray:
+def _where(bad: np.ndarray, file_rows: np.ndarray, ids: np.ndarray | None) -> str:
+    """'file rows 5 (id pkg5), 9 (id pkg9), ...': the first few of the rows `bad` (indices into
+    the kept rows) as the file numbers them, counting from 0, with their ids."""
+    shown = [f"{file_rows[r]}" + (f" (id {ids[r]})" if ids is not None else "") for r in bad[:5]]
+    more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+    return f"file row{'s' * (len(bad) > 1)} {', '.join(shown)}{more} (counting from 0)"
+
+
+def _text_column(table: pa.Table, name: str, role: str, uri: str, file_rows: np.ndarray,
+                 ids: np.ndarray | None) -> np.ndarray:  # fmt: skip
     col = table.column(name)
     if not pa.types.is_string(col.type) and not pa.types.is_large_string(col.type):
         raise DataError(f"dataset {uri}: column {name!r} ({role}) must hold text, not {col.type}")
     empty = pc.or_kleene(pc.is_null(col), pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(col)), 0))
     bad = np.flatnonzero(empty.to_numpy(zero_copy_only=False).astype(bool, copy=False))
     if len(bad):
-        rows = ", ".join(str(r) for r in bad[:5])
-        raise DataError(
-            f"dataset {uri}: {len(bad)} rows have a null or empty {name!r} ({role}); first at "
-            f"rows {rows}"
-        )
+        raise DataError(f"dataset {uri}: {len(bad)} rows have a null or empty {name!r} ({role}): "
+                        f"{_where(bad, file_rows, ids)}")  # fmt: skip
     return np.asarray(col.to_pylist(), dtype=object)
 
 
@@ -209,19 +215,26 @@ def load_pairs(spec: DatasetSpec, min_rows: int, split: str = "train") -> Pairs:
     if table.num_rows == 0:
         raise DataError(f"dataset {spec.uri}: no rows")
 
+    every_row = np.arange(table.num_rows)
     if cols.id is not None:
         ids = np.asarray(table.column(cols.id).cast(pa.string()).to_pylist(), dtype=object)
-        if any(i is None for i in ids):
-            raise DataError(f"dataset {spec.uri}: column {cols.id!r} (id) has nulls")
-        if len(set(ids)) != len(ids):
-            raise DataError(f"dataset {spec.uri}: column {cols.id!r} (id) has duplicate values")
+        if nulls := [i for i, x in enumerate(ids) if x is None]:
+            raise DataError(f"dataset {spec.uri}: column {cols.id!r} (id) has nulls: "
+                            f"{_where(np.asarray(nulls), every_row, None)}")  # fmt: skip
+        first_seen: dict[str, int] = {}
+        repeats = [(first_seen[x], i) for i, x in enumerate(ids) if first_seen.setdefault(x, i) != i]
+        if repeats:
+            shown = ", ".join(f"{ids[b]!r} at file rows {a} and {b}" for a, b in repeats[:5])
+            raise DataError(f"dataset {spec.uri}: column {cols.id!r} (id) has {len(repeats)} repeated "
+                            f"values: {shown} (counting from 0)")  # fmt: skip
     else:
         ids = np.asarray([str(i) for i in range(table.num_rows)], dtype=object)
 
     if spec.split is not None:
         keys = table.column(spec.split.key).cast(pa.string()).to_pylist()
-        if any(k is None for k in keys):
-            raise DataError(f"dataset {spec.uri}: split key column {spec.split.key!r} has nulls")
+        if nulls := [i for i, k in enumerate(keys) if k is None]:
+            raise DataError(f"dataset {spec.uri}: split key column {spec.split.key!r} has nulls: "
+                            f"{_where(np.asarray(nulls), every_row, ids if cols.id else None)}")  # fmt: skip
         is_test = split_bucket(keys, spec.split.buckets) == spec.split.test_bucket
         keep = is_test if split == "test" else ~is_test
     else:
@@ -229,14 +242,17 @@ def load_pairs(spec: DatasetSpec, min_rows: int, split: str = "train") -> Pairs:
             raise DataError("dataset.split is not set, so there is no test split")
         keep = np.ones(table.num_rows, dtype=bool)
     table = table.filter(pa.array(keep))
-    ids = ids[keep]
+    ids, file_rows = ids[keep], every_row[keep]
+    named = ids if cols.id else None
 
-    queries = _text_column(table, cols.query, "query", spec.uri)
-    positives = _text_column(table, cols.positive, "positive", spec.uri)
+    queries = _text_column(table, cols.query, "query", spec.uri, file_rows, named)
+    positives = _text_column(table, cols.positive, "positive", spec.uri, file_rows, named)
     if cols.task is not None:
         tasks = table.column(cols.task).cast(pa.string())
         if tasks.null_count:
-            raise DataError(f"dataset {spec.uri}: column {cols.task!r} (task) has nulls")
+            bad = np.flatnonzero(tasks.is_null().to_numpy(zero_copy_only=False))
+            raise DataError(f"dataset {spec.uri}: column {cols.task!r} (task) has nulls: "
+                            f"{_where(bad, file_rows, named)}")  # fmt: skip
         tasks = np.asarray(tasks.to_pylist(), dtype=object)
     else:
         tasks = np.full(len(ids), SINGLE_TASK, dtype=object)

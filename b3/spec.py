@@ -43,8 +43,11 @@ class SpecError(ValueError):
 
 
 class _Model(BaseModel):
+    # allow_inf_nan=False: `.nan` and `.inf` are refused as what they are ("Input should be a
+    # finite number"), not by whichever bound they happen to fail
     model_config = ConfigDict(
-        alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True
+        alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True,
+        allow_inf_nan=False,
     )
 
 
@@ -612,7 +615,7 @@ def apply_overrides(doc: dict[str, Any], overrides: list[str] | tuple[str, ...])
         if path[0] not in ("spec", "metadata"):
             path = ["spec", *path]
         try:
-            value = yaml.safe_load(text)
+            value = read_yaml(text)
         except yaml.YAMLError as err:
             raise SpecError([f"override {key}: {text!r} is not a YAML value ({err})"]) from None
         node = doc
@@ -624,6 +627,29 @@ def apply_overrides(doc: dict[str, Any], overrides: list[str] | tuple[str, ...])
     return doc
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last
+    value silently; kubectl's strict field validation refuses such a manifest)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, Any] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                line = key_node.start_mark.line + 1
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (line {line}; first on line {seen[key]})",
+                    key_node.start_mark,
+                )
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_yaml(text: str) -> Any:
+    """One YAML document, keys unique in every mapping (yaml.YAMLError otherwise)."""
+    return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 (a SafeLoader subclass)
+
+
 def load_manifest(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> B3Job:
     """Read and validate a B3Job manifest file, with `KEY=VALUE` overrides (apply_overrides)."""
     path = Path(path)
@@ -632,12 +658,22 @@ def load_manifest(path: str | Path, overrides: list[str] | tuple[str, ...] = ())
     except OSError as err:
         raise SpecError([f"manifest {path}: cannot read ({err.strerror or err})"]) from None
     try:
-        doc = yaml.safe_load(text)
+        doc = read_yaml(text)
     except yaml.YAMLError as err:
-        raise SpecError([f"manifest {path}: not valid YAML ({err})"]) from None
+        raise SpecError([f"manifest {path}: {_yaml_problem(err)}"]) from None
     if overrides:
         doc = apply_overrides(doc, overrides)
     return parse_manifest(doc, base_dir=path.parent)
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """A YAML error in one line: what and where."""
+    problem = getattr(err, "problem", None)
+    mark = getattr(err, "problem_mark", None)
+    if problem and problem.startswith("duplicate key"):
+        return f"{problem.split(' (line')[0]} on line {mark.line + 1}; every key may appear once"
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+    return f"not valid YAML ({problem or err}{where})"
 
 
 def manifest_to_dict(job: B3Job) -> dict[str, Any]:

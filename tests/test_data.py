@@ -103,7 +103,7 @@ def test_split_matches_the_shared_dataset_convention():
             lambda t: t.set_column(
                 1, "query", pa.array([None] + t.column("query").to_pylist()[1:])
             ),
-            "1 rows have a null or empty 'query' (query); first at rows 0",
+            "1 rows have a null or empty 'query' (query): file row 0 (id pkg0)",
         ),
         (
             lambda t: t.set_column(
@@ -115,12 +115,12 @@ def test_split_matches_the_shared_dataset_convention():
                     + t.column("positive").to_pylist()[6:]
                 ),
             ),
-            "null or empty 'positive' (positive); first at rows 5",
+            "null or empty 'positive' (positive): file row 5 (id pkg5)",
         ),
         (lambda t: t.slice(0, 10), "10 train rows, fewer than one batch (mining.batchSize = 16)"),
         (
             lambda t: t.set_column(0, "id", pa.array(["same"] * t.num_rows)),
-            "'id' (id) has duplicate values",
+            "'id' (id) has 39 repeated values: 'same' at file rows 0 and 1",
         ),
         (
             lambda t: t.set_column(1, "query", pa.array(list(range(t.num_rows)))),
@@ -128,7 +128,7 @@ def test_split_matches_the_shared_dataset_convention():
         ),
         (
             lambda t: t.set_column(3, "task", pa.array([None] * t.num_rows, pa.string())),
-            "'task' (task) has nulls",
+            "'task' (task) has nulls: file rows 0 (id pkg0)",
         ),
         (lambda t: t.slice(0, 0), "no rows"),
     ],
@@ -201,3 +201,16 @@ def test_a_saved_datasets_identity_follows_its_content(tmp_path):
     changed = datasets.load_from_disk(str(tmp_path / "a")).map(lambda row: {"query": row["query"] + "!"})
     changed.save_to_disk(str(tmp_path / "b"))
     assert dataset_identity(spec_for(tmp_path / "b"))["fingerprint"] != first["fingerprint"]
+
+
+def test_a_bad_row_is_named_by_the_files_own_row_number_and_id_not_its_place_after_the_split(tmp_path):
+    table = make_pairs(40)
+    split = {"key": "source", "buckets": 4, "testBucket": 0}
+    held_out = split_bucket(table.column("source").to_pylist(), 4) == 0
+    row = int(np.flatnonzero(~held_out)[np.flatnonzero(~held_out) > np.flatnonzero(held_out)[0]][0])
+    assert row != int((~held_out[:row]).sum())  # the row's place among the training rows differs
+    queries = table.column("query").to_pylist()
+    queries[row] = ""
+    pq.write_table(table.set_column(1, "query", pa.array(queries)), tmp_path / "p.parquet")
+    with pytest.raises(DataError, match=rf"file row {row} \(id pkg{row}\)"):
+        load_pairs(spec_for(tmp_path / "p.parquet", split=split), 16)
