@@ -35,7 +35,6 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from b3.data import DataError, dataset_identity
 from b3.spec import B3JobSpec
@@ -181,7 +180,7 @@ class Artifacts:
         """Call before a stage's first write: from now on nothing vouches for its folder."""
         root = self.root(stage)
         if root.exists(stage, "manifest.json"):
-            root.fs.delete_file(root.path(stage, "manifest.json"))
+            root.delete(stage, "manifest.json")
 
     def finish(self, stage: str, summary: dict, started: float) -> dict:
         """Write the manifest that marks the stage done; call it after every output is written."""
@@ -246,7 +245,7 @@ class Artifacts:
     def write_embeddings(self, ids: np.ndarray, q: np.ndarray, p: np.ndarray) -> None:
         """The teacher's (N, d) query and positive embeddings of rows `ids`, stored float16."""
         if self.work.exists("rank", "embeddings.json"):  # same protocol as a stage manifest
-            self.work.fs.delete_file(self.work.path("rank", "embeddings.json"))
+            self.work.delete("rank", "embeddings.json")
         self.work.write_arrow(_embeddings_table(ids, q, p), "rank", "embeddings.arrow")
         self.work.write_json({"fingerprint": self.fingerprint("embed")}, "rank", "embeddings.json")
 
@@ -306,7 +305,7 @@ def read_topk(work: WorkDir, columns: list[str] | None = None) -> tuple[pa.Table
     if columns is not None and "neighbors" not in columns:
         columns = [*columns, "neighbors"]
     path = work.path("rank", "topk.parquet")
-    table = pq.read_table(path, filesystem=work.fs, columns=columns)
+    table = work.read_parquet("rank", "topk.parquet", columns=columns)
     lists = table.column("neighbors").combine_chunks()
     flat = lists.flatten().to_numpy()
     if len(flat) and (flat.min() < -1 or flat.max() >= table.num_rows):

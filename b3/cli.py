@@ -15,9 +15,10 @@ Every command that takes a manifest also takes KEY=VALUE overrides of its spec, 
 the manifest: `b3 run job.yaml training.steps=100 mining.clusterSize=32`.
 
 Exit codes: 0 done (or already done), 2 bad input (manifest or data; the message names the
-problem and, inside a pod, also goes to the termination log), 143 training stopped by SIGTERM
-after writing a checkpoint (a rerun resumes there), 1 anything else (a training failure's
-message goes to the termination log too).
+problem and, inside a pod, also goes to the termination log), 75 a network or object-store
+fault that outlasted its retries (the input may be fine: a Job retries it), 143 training
+stopped by SIGTERM after writing a checkpoint (a rerun resumes there), 1 anything else (a
+training failure's message goes to the termination log too).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import sys
 from collections.abc import Callable
 
 from b3.data import EXIT_BAD_INPUT, DataError
-from b3.errors import TrainingError, TrainingStopped
+from b3.errors import TrainingError, TrainingStopped, TransientError
 from b3.spec import (
     B3Job,
     SpecError,
@@ -126,18 +127,23 @@ def _stage_runner(name: str) -> Callable:
     return {"rank": stages.rank_stage, "partition": stages.partition_stage}[name]
 
 
+def exit_code(err: Exception) -> int:
+    """The exit-code contract above, for the errors a stage reports rather than crashes on."""
+    if isinstance(err, (TrainingStopped, TransientError)):
+        return err.exit_code
+    return 1 if isinstance(err, TrainingError) else EXIT_BAD_INPUT
+
+
 def run_stage(name: str, manifest: str) -> int:
     """Run one stage from a manifest with the exit-code contract above."""
     try:
         job = load_manifest(manifest)
         record = _stage_runner(name)(job)
-    except (SpecError, DataError, TrainingError, TrainingStopped) as err:
+    except (SpecError, DataError, TrainingError, TrainingStopped, TransientError) as err:
         message = f"{name}: {err}"
         print(message, file=sys.stderr)
         write_termination_message(message)
-        if isinstance(err, TrainingStopped):
-            return TrainingStopped.exit_code
-        return 1 if isinstance(err, TrainingError) else EXIT_BAD_INPUT
+        return exit_code(err)
     if record:  # processes other than rank 0 of a training gang report nothing
         _print_record(name, record)
     return 0
@@ -512,11 +518,11 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_BAD_INPUT
     if args.command in ("rank", "partition"):
         return run_stage(args.command, args.manifest)  # writes the termination log itself
-    try:  # bad input is refused here, once, for every command
+    try:  # bad input (and a lasting network fault) is reported here, once, for every command
         return _dispatch(args)
-    except (SpecError, DataError) as err:
+    except (SpecError, DataError, TransientError) as err:
         print(f"{args.command}: {err}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return exit_code(err)
 
 
 def _dispatch(args: argparse.Namespace) -> int:

@@ -1,8 +1,10 @@
 """Loading (query, positive) pairs and refusing bad input before any compute is spent.
 
 `load_pairs` reads parquet, JSONL or CSV from a path or URI with pyarrow, checks it, keeps the
-training split and returns `Pairs`. Every problem raises `DataError`, which the stage
-programs turn into exit code 2 with the message in the pod's termination log.
+training split and returns `Pairs`. Every problem with the input raises `DataError`, which the
+stage programs turn into exit code 2 with the message in the pod's termination log. A network
+or object-store fault is not a problem with the input: it is retried (`b3.retry`) and, when it
+persists, raised as `TransientError` (exit 75, which the Job retries).
 
 Rows whose positive texts are identical share a `positive_group`; downstream code uses it so
 that a query never meets its own positive's duplicates as negatives.
@@ -18,9 +20,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
+import pyarrow.fs as pafs
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
+from b3.errors import TransientError
+from b3.retry import is_transient, retrying
 from b3.spec import DatasetSpec
 from b3.storage import resolve_filesystem
 
@@ -90,42 +95,87 @@ def _detect_format(path: str, declared: str) -> str:
     )
 
 
-def _stat(spec: DatasetSpec):
+def _io(uri: str, what: str, call):
+    """`call()` on the dataset's filesystem: transient faults retried (TransientError once they
+    persist), any other failure to read is the input's problem (DataError)."""
     try:
+        return retrying(f"dataset {uri}: {what}", call)
+    except TransientError:
+        raise
+    except (OSError, ValueError, pa.ArrowException) as err:
+        if is_transient(err):
+            raise
+        raise DataError(f"dataset {uri}: cannot {what} ({' '.join(str(err).split())})") from None
+
+
+def _stat(spec: DatasetSpec):
+    def stat():
         fs, path = resolve_filesystem(spec.uri)
-        info = fs.get_file_info(path)
-    except (OSError, ValueError) as err:
-        raise DataError(f"dataset {spec.uri}: cannot open ({err})") from None
+        return fs, path, fs.get_file_info(path)
+
+    fs, path, info = _io(spec.uri, "open", stat)
     if info.type.name == "NotFound":
         raise DataError(f"dataset {spec.uri}: no such file")
     return fs, path, info
 
 
+# object stores' names for a hash of an object's content, as pyarrow's input files report them
+_CONTENT_KEYS = ("etag", "md5", "md5hash", "crc32c")
+
+
 def dataset_identity(spec: DatasetSpec) -> dict:
-    """What says the dataset file is the one a stage read: its size and modification time
-    (a stat, not a read; the URI and columns are spec fields); for a saved Hugging Face
-    dataset, the fingerprint `datasets` keeps of its content and the sizes of its files."""
+    """What says the dataset file is the one a stage read (a stat, not a read; the URI and
+    columns are spec fields): on an object store that reports one, the hash of its content
+    (S3's ETag: an identical upload keeps it), else size and modification time; for a saved
+    Hugging Face dataset, the fingerprint `datasets` keeps of its content and its files' sizes."""
     fs, path, info = _stat(spec)
     if _is_saved_dataset(spec, info):
         state = _saved_dataset_state(fs, path, spec.uri)
         files = [f["filename"] for f in state.get("_data_files", [])]
-        return {"fingerprint": state.get("_fingerprint"),
-                "sizes": [fs.get_file_info(f"{path}/{f}").size for f in files]}  # fmt: skip
+        sizes = _io(spec.uri, "stat its files", lambda: [fs.get_file_info(f"{path}/{f}").size for f in files])
+        return {"fingerprint": state.get("_fingerprint"), "sizes": sizes}
+    if info.type.name == "File" and not isinstance(fs, pafs.LocalFileSystem):
+        content = _io(spec.uri, "read its metadata", lambda: _content_hash(fs, path))
+        if content is not None:
+            return {"size": info.size, "content": content}
     return {"size": info.size, "mtime_ns": info.mtime_ns}
+
+
+def _content_hash(fs, path: str) -> str | None:
+    """The store's hash of an object's content (a HEAD request for S3), if it reports one."""
+    with fs.open_input_file(path) as f:
+        metadata = {key.lower(): value for key, value in (f.metadata() or {}).items()}
+    for key in _CONTENT_KEYS:
+        if metadata.get(key):
+            value = metadata[key]
+            return f"{key}:{(value.decode() if isinstance(value, bytes) else value).strip(chr(34))}"
+    return None
+
+
+def _read_json(fs, path: str):
+    """A small JSON file, None when absent or unreadable (transient faults retried)."""
+    def read():
+        with fs.open_input_stream(path) as f:
+            return f.read()
+
+    try:
+        return json.loads(retrying(f"read {path}", read))
+    except TransientError:
+        raise
+    except (OSError, ValueError) as err:
+        if is_transient(err):
+            raise
+        return None
 
 
 def _saved_dataset_state(fs, path: str, uri: str) -> dict:
     """state.json of a folder written by `Dataset.save_to_disk` (a DatasetDict's folder holds
     one such folder per split instead)."""
-    try:
-        with fs.open_input_stream(f"{path}/state.json") as f:
-            return json.loads(f.read())
-    except (OSError, ValueError):
-        pass
-    try:
-        with fs.open_input_stream(f"{path}/dataset_dict.json") as f:
-            splits = json.loads(f.read()).get("splits", [])
-    except (OSError, ValueError):
+    state = _read_json(fs, f"{path}/state.json")
+    if isinstance(state, dict):
+        return state
+    splits = (_read_json(fs, f"{path}/dataset_dict.json") or {}).get("splits")
+    if splits is None:
         raise DataError(f"dataset {uri}: a folder, but not one written by datasets' save_to_disk "
                         "(no state.json)") from None  # fmt: skip
     raise DataError(f"dataset {uri}: a DatasetDict with splits {', '.join(splits)}; point "
@@ -141,10 +191,7 @@ def _read_saved_dataset(fs, path: str, uri: str) -> pa.Table:
     except ImportError:
         raise DataError(f"dataset {uri}: a saved Hugging Face dataset; reading it needs the "
                         "`datasets` package (pip install 'b3-operator[datasets]')") from None  # fmt: skip
-    try:
-        return datasets.load_from_disk(uri).with_format("arrow")[:]
-    except (OSError, ValueError, FileNotFoundError) as err:
-        raise DataError(f"dataset {uri}: unreadable as a saved dataset ({err})") from None
+    return _io(uri, "read it as a saved dataset", lambda: datasets.load_from_disk(uri).with_format("arrow")[:])
 
 
 def read_table(spec: DatasetSpec) -> pa.Table:
@@ -153,21 +200,17 @@ def read_table(spec: DatasetSpec) -> pa.Table:
     if _is_saved_dataset(spec, info):
         return _read_saved_dataset(fs, path, spec.uri)
     fmt = _detect_format(path, spec.format)
-    try:
+
+    def read() -> pa.Table:
         if fmt == "parquet":
-            table = pq.read_table(path, filesystem=fs)
-        else:
-            with fs.open_input_stream(path, compression="detect") as stream:
-                if fmt == "jsonl":
-                    table = pajson.read_json(stream)
-                else:
-                    delimiter = "\t" if path.lower().removesuffix(".gz").endswith(".tsv") else ","
-                    table = pacsv.read_csv(
-                        stream, parse_options=pacsv.ParseOptions(delimiter=delimiter)
-                    )
-    except (pa.ArrowException, OSError, ValueError) as err:
-        raise DataError(f"dataset {spec.uri}: unreadable as {fmt} ({err})") from None
-    return table
+            return pq.read_table(path, filesystem=fs)
+        with fs.open_input_stream(path, compression="detect") as stream:
+            if fmt == "jsonl":
+                return pajson.read_json(stream)
+            delimiter = "\t" if path.lower().removesuffix(".gz").endswith(".tsv") else ","
+            return pacsv.read_csv(stream, parse_options=pacsv.ParseOptions(delimiter=delimiter))
+
+    return _io(spec.uri, f"read it as {fmt}", read)
 
 
 def _where(bad: np.ndarray, file_rows: np.ndarray, ids: np.ndarray | None) -> str:

@@ -129,16 +129,45 @@ def cluster(tmp_path_factory):
     """etcd, kube-apiserver, kube-controller-manager, kube-scheduler and the node double on
     127.0.0.1, for the whole session. Without the binaries it skips, except in CI
     (CI=true), where `.ci/run` builds them and a missing one is a failure."""
-    from control_plane import ControlPlane, binaries
+    from control_plane import ControlPlane
 
-    missing = [str(path) for path in binaries().values() if not path.exists()]
-    if missing:
-        message = f"missing {', '.join(missing)}: run tests/cluster/build.sh"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
+    _require_built("b3-testcluster", "helm", "kueue", "kueue-config")
     plane = ControlPlane(tmp_path_factory.mktemp("cluster")).start()
     try:
         yield plane
     finally:
         plane.stop()
+
+
+def _require_built(*names: str) -> None:
+    """Skip without what tests/cluster/build.sh builds, except in CI (CI=true), where `.ci/run`
+    builds it and a missing one is a failure."""
+    from control_plane import binaries
+
+    missing = [str(binaries()[name]) for name in names if not binaries()[name].exists()]
+    if missing:
+        message = f"missing {', '.join(missing)}: run tests/cluster/build.sh"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """moto's S3 server on 127.0.0.1 behind a network whose faults the test controls
+    (tests/cluster/s3_server.py), for the whole session."""
+    from s3_server import S3Server
+
+    _require_built("s3-server")
+    server = S3Server(tmp_path_factory.mktemp("s3"))
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def s3_network(s3_server):
+    """The S3 server's network, healed after the test whatever fault it left."""
+    yield s3_server.network
+    s3_server.network.up()

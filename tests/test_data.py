@@ -142,7 +142,7 @@ def test_bad_tables_are_refused_with_the_problem_named(tmp_path, mutate, needle)
 
 def test_unreadable_missing_and_unknown_files(tmp_path):
     (tmp_path / "junk.parquet").write_bytes(b"not a parquet file at all")
-    with pytest.raises(DataError, match="unreadable as parquet"):
+    with pytest.raises(DataError, match="cannot read it as parquet"):
         load_pairs(spec_for(tmp_path / "junk.parquet"), 8)
     with pytest.raises(DataError, match="no such file"):
         load_pairs(spec_for(tmp_path / "absent.parquet"), 8)

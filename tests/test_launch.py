@@ -39,6 +39,7 @@ def test_exit_code_table():
     assert exit_code({2, -15}) == 2 and exit_code({1, 2}) == 2
     assert exit_code({143, -15}) == 143 and exit_code({143}) == 143
     assert exit_code({143, 1}) == 1 and exit_code({-9}) == 1
+    assert exit_code({75, -15}) == 75 and exit_code({75, 1}) == 1 and exit_code({75, 2}) == 2
 
 
 def test_a_stopped_pod_exits_143_after_its_workers(tmp_path):

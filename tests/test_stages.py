@@ -150,7 +150,7 @@ def test_unreadable_dataset_and_missing_stage_exit_2(tmp_path, tiny_spec, capsys
     spec = {**tiny_spec, "dataset": {**tiny_spec["dataset"], "uri": str(tmp_path / "p.parquet")}}
     manifest = write_manifest(tmp_path, spec)
     assert run("rank", manifest) == 2
-    assert "unreadable as parquet" in capsys.readouterr().err
+    assert "cannot read it as parquet" in capsys.readouterr().err
     assert run("partition", manifest) == 2
     assert "rank stage output missing" in capsys.readouterr().err
     assert run("inspect", manifest) == 2

@@ -5,7 +5,8 @@ stopped on bad input (exit 2, the message already in the termination log) would 
 crash: the Job's podFailurePolicy rule for exit 2 would never match, and the operator would
 restart the gang on input that fails every time. This runs torchrun's own entry point and
 exits 2 when any local worker did, 143 when workers stopped on SIGTERM after checkpointing
-(the others killed by torchrun, none failed), and 1 for any other failure; stopped itself
+(the others killed by torchrun, none failed), 75 when a worker met a lasting network or
+object-store fault (retried: the gang restarts), and 1 for any other failure; stopped itself
 (the pod deleted: torchrun passes SIGTERM to its workers, which checkpoint), 128 + the signal.
 """
 
@@ -18,9 +19,10 @@ from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.run import parse_args, run
 
 from b3.data import EXIT_BAD_INPUT
-from b3.errors import TrainingStopped
+from b3.errors import TrainingStopped, TransientError
 
 EXIT_STOPPED = TrainingStopped.exit_code
+EXIT_TRANSIENT = TransientError.exit_code
 
 
 def exit_code(worker_codes: set[int]) -> int:
@@ -29,6 +31,8 @@ def exit_code(worker_codes: set[int]) -> int:
         return EXIT_BAD_INPUT
     if EXIT_STOPPED in worker_codes and all(c == EXIT_STOPPED or c < 0 for c in worker_codes):
         return EXIT_STOPPED  # stopped and checkpointed; the agent killed the rest
+    if EXIT_TRANSIENT in worker_codes and all(c == EXIT_TRANSIENT or c < 0 for c in worker_codes):
+        return EXIT_TRANSIENT
     return 1
 
 

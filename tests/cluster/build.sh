@@ -4,6 +4,8 @@
 #   helm             the real Helm CLI (helm.sh/helm/v4/cmd/helm at HELM_VERSION)
 #   kueue            Kueue's manager (sigs.k8s.io/kueue/cmd/kueue at KUEUE_VERSION), with its
 #                    CRDs and webhook configurations in kueue-config/ (from the same module)
+#   s3-server        moto's S3 server mode in a venv of its own (s3-server-requirements.txt),
+#                    the object store of the transient-fault tests
 # into $B3_TESTCLUSTER_BIN_DIR (default ~/.cache/b3-testcluster/bin). Each binary is kept
 # with the hash of what made it: a warm machine rebuilds nothing.
 set -euo pipefail
@@ -51,5 +53,15 @@ if stale kueue "$want"; then
   cp "$module/webhook/manifests.yaml" "$bin/kueue-config/webhooks.yaml.in"  # not applied as is
   chmod -R u+w "$bin/kueue-config"
   built kueue "$want" "$started"
+fi
+want=$( { python3 --version; stamp "$here/s3-server-requirements.txt"; } | stamp)
+if stale s3-server "$want"; then
+  echo "build: s3-server (moto, a venv of its own)" >&2
+  started=$(date +%s)
+  rm -rf "$bin/s3-server-venv"
+  python3 -m venv "$bin/s3-server-venv"
+  "$bin/s3-server-venv/bin/pip" install -q --disable-pip-version-check -r "$here/s3-server-requirements.txt"
+  ln -sf s3-server-venv/bin/moto_server "$bin/s3-server"
+  built s3-server "$want" "$started"
 fi
 echo "$bin"

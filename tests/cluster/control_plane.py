@@ -53,7 +53,7 @@ def binaries() -> dict[str, Path]:
     """Where build.sh put the binaries (B3_TESTCLUSTER_BIN_DIR, else its default cache)."""
     folder = Path(os.environ.get("B3_TESTCLUSTER_BIN_DIR", Path.home() / ".cache" / "b3-testcluster" / "bin"))
     return {"b3-testcluster": folder / "b3-testcluster", "helm": folder / "helm", "kueue": folder / "kueue",
-            "kueue-config": folder / "kueue-config"}  # fmt: skip
+            "kueue-config": folder / "kueue-config", "s3-server": folder / "s3-server"}  # fmt: skip
 
 
 def _write_certificates(folder: Path) -> None:
