@@ -220,6 +220,32 @@ def test_bad_input_fails_the_job_at_once_through_the_real_pod_failure_policy(ope
                                                       "-l", "b3.dev/job=badcolumn")["items"], 120)  # fmt: skip
 
 
+def test_a_lasting_object_store_fault_exits_75_and_the_real_job_controller_retries_the_stage(
+    operator, data_volume, s3_server
+):
+    """The dataset on an S3 server that is unreachable when the rank pod starts: the pod's
+    retries run out and it exits 75, which no podFailurePolicy rule fails the Job for, so the
+    Job controller starts another pod; with the server back, that one ranks."""
+    s3_server.put("cluster/debian-2k.parquet", (ROOT / "examples" / "data" / "debian-2k.parquet").read_bytes())
+    job = b3job("blip", **{"dataset.uri": s3_server.uri("cluster/debian-2k.parquet")})
+    job["spec"]["template"]["env"] += [{"name": k, "value": v} for k, v in s3_server.env.items()]
+    s3_server.network.down()
+    try:
+        apply(operator, job)
+        failed = wait_for("a rank pod failed", lambda: [
+            t for p in get(operator, "pods", "-n", "e2e", "-l", "b3.dev/job=blip,b3.dev/stage=rank")["items"]
+            for c in p["status"].get("containerStatuses", []) if (t := c["state"].get("terminated"))
+            and t["exitCode"] != 0], timeout=240, every=1)  # fmt: skip
+    finally:
+        s3_server.network.up()
+    assert failed[0]["exitCode"] == 75 and "transient fault" in failed[0].get("message", "")
+    rank = wait_for("the rank Job succeeded on its next pod", lambda: (
+        j := get(operator, "job", "-n", "e2e", "blip-rank"))["status"].get("succeeded") and j, timeout=300, every=1)  # fmt: skip
+    assert rank["status"].get("failed") == 1
+    assert status(operator, "blip").get("phase") != "Failed"
+    operator.kubectl("delete", "b3job", "-n", "e2e", "blip", "--timeout=60s")
+
+
 def test_a_foreign_object_blocks_and_a_refused_create_fails_the_job(operator, data_volume):
     """A ConfigMap named like the job's spec ConfigMap but not its own: condition Blocked and
     one Warning Event naming it, nothing created; deleted, the job goes on. A child the API
