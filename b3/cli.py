@@ -32,6 +32,7 @@ import os
 import sys
 from collections.abc import Callable
 
+from b3 import preflight
 from b3.data import EXIT_BAD_INPUT, DataError
 from b3.errors import TrainingError, TrainingStopped, TransientError
 from b3.spec import (
@@ -138,6 +139,7 @@ def run_stage(name: str, manifest: str) -> int:
     """Run one stage from a manifest with the exit-code contract above."""
     try:
         job = load_manifest(manifest)
+        preflight.check(job, [name])  # what this stage loads, reads and writes, before compute
         record = _stage_runner(name)(job)
     except (SpecError, DataError, TrainingError, TrainingStopped, TransientError) as err:
         message = f"{name}: {err}"
@@ -243,9 +245,9 @@ def eval_command(
     from b3.evaluation import compare, rank_encoder
     from b3.teacher import TextEncoder
 
-    spec = load_manifest(manifest).spec
-    if spec.dataset.split is None:
-        raise DataError("dataset.split is not set, so there is no held-out split to evaluate on")
+    job = load_manifest(manifest)
+    preflight.check(job, ["eval"])
+    spec = job.spec
     artifacts = Artifacts(spec)
     t = spec.training
     prompts = spec.dataset.prompts
@@ -359,6 +361,7 @@ def run_command(manifest: str, start: str | None = None) -> int:
              ("train", lambda: train_command(manifest))]  # fmt: skip
     if job.spec.dataset.split is not None:
         steps.append(("eval", lambda: eval_command(manifest, [], as_json=False)))
+    preflight.check(job, [name for name, _ in steps])  # every stage's needs, before the first
     forced = STAGES[STAGES.index(start):] if start else []
     timings = []
     for name, step in steps:
@@ -451,6 +454,9 @@ def build_parser() -> argparse.ArgumentParser:
             cmd.add_argument("--force", action="store_true", help="run every stage again (--from rank)")
         if name == "validate":
             cmd.add_argument("--json", action="store_true", help="print the resolved spec as JSON")
+            cmd.add_argument("--preflight", action="store_true",
+                             help="also check, without compute, what `b3 run` would load, read and write: the "
+                             "models resolve, the dataset opens with its columns, the folders are writable")  # fmt: skip
         if name == "inspect":
             cmd.add_argument(
                 "--top-k", type=int, default=None, help="K of H_B^K (default: clusterSize)"
@@ -541,6 +547,12 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
     if args.command == "validate":
         _print_summary(job, args.overrides)
+        if args.preflight:
+            stages = ["rank", "partition", "train"] + ["eval"] * (job.spec.dataset.split is not None)
+            report = preflight.check(job, stages, dry_run=True)
+            print(f"preflight of {', '.join(stages)}: ok")
+            for field_name, located in report.models.items():
+                print(f"  {field_name + ':':<18}{located.source}, {located.path}")
         return 0
     if args.sweep:
         return sweep_command(job, args)

@@ -207,8 +207,7 @@ def read_table(spec: DatasetSpec) -> pa.Table:
         with fs.open_input_stream(path, compression="detect") as stream:
             if fmt == "jsonl":
                 return pajson.read_json(stream)
-            delimiter = "\t" if path.lower().removesuffix(".gz").endswith(".tsv") else ","
-            return pacsv.read_csv(stream, parse_options=pacsv.ParseOptions(delimiter=delimiter))
+            return pacsv.read_csv(stream, parse_options=pacsv.ParseOptions(delimiter=_delimiter(path)))
 
     return _io(spec.uri, f"read it as {fmt}", read)
 
@@ -219,6 +218,45 @@ def _where(bad: np.ndarray, file_rows: np.ndarray, ids: np.ndarray | None) -> st
     shown = [f"{file_rows[r]}" + (f" (id {ids[r]})" if ids is not None else "") for r in bad[:5]]
     more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
     return f"file row{'s' * (len(bad) > 1)} {', '.join(shown)}{more} (counting from 0)"
+
+
+def require_columns(spec: DatasetSpec, present: list[str]) -> None:
+    """DataError unless every column the spec names is among `present`."""
+    cols = spec.columns
+    wanted = {"query": cols.query, "positive": cols.positive, "task": cols.task, "id": cols.id}
+    if spec.split is not None:
+        wanted["split key"] = spec.split.key
+    missing = [f"{name!r} ({role})" for role, name in wanted.items() if name and name not in present]
+    if missing:
+        raise DataError(f"dataset {spec.uri}: missing column(s) {', '.join(missing)}; present: "
+                        f"{', '.join(present)}")  # fmt: skip
+
+
+def dataset_columns(spec: DatasetSpec) -> list[str]:
+    """The dataset's column names, read from its schema (a Parquet footer, a saved dataset's
+    features, the first block of a CSV or JSON Lines file), not from its rows."""
+    fs, path, info = _stat(spec)
+    if _is_saved_dataset(spec, info):
+        _saved_dataset_state(fs, path, spec.uri)  # a clear error for a DatasetDict or another folder
+        features = (_read_json(fs, f"{path}/dataset_info.json") or {}).get("features")
+        if not isinstance(features, dict):
+            raise DataError(f"dataset {spec.uri}: a saved dataset without features in dataset_info.json")
+        return list(features)
+    fmt = _detect_format(path, spec.format)
+
+    def schema() -> pa.Schema:
+        if fmt == "parquet":
+            return pq.read_schema(path, filesystem=fs)
+        with fs.open_input_stream(path, compression="detect") as stream:
+            if fmt == "jsonl":
+                return pajson.open_json(stream).schema
+            return pacsv.open_csv(stream, parse_options=pacsv.ParseOptions(delimiter=_delimiter(path))).schema
+
+    return list(_io(spec.uri, f"read it as {fmt}", schema).names)
+
+
+def _delimiter(path: str) -> str:
+    return "\t" if path.lower().removesuffix(".gz").endswith(".tsv") else ","
 
 
 def _text_column(table: pa.Table, name: str, role: str, uri: str, file_rows: np.ndarray,
@@ -242,19 +280,7 @@ def load_pairs(spec: DatasetSpec, min_rows: int, split: str = "train") -> Pairs:
     """
     table = read_table(spec)
     cols = spec.columns
-    wanted = {"query": cols.query, "positive": cols.positive, "task": cols.task, "id": cols.id}
-    if spec.split is not None:
-        wanted["split key"] = spec.split.key
-    missing = [
-        f"{name!r} ({role})"
-        for role, name in wanted.items()
-        if name and name not in table.column_names
-    ]
-    if missing:
-        raise DataError(
-            f"dataset {spec.uri}: missing column(s) {', '.join(missing)}; present: "
-            f"{', '.join(table.column_names)}"
-        )
+    require_columns(spec, table.column_names)
     if table.num_rows == 0:
         raise DataError(f"dataset {spec.uri}: no rows")
 

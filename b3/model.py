@@ -17,8 +17,9 @@ from peft import LoraConfig, TaskType, get_peft_model
 from torch import nn
 from transformers import AutoModel, AutoTokenizer
 
+from b3.model_source import resolve_model_path
 from b3.spec import LoraSpec
-from b3.teacher import ST_POOLING_KEYS, pool, resolve_model_path
+from b3.teacher import ST_POOLING_KEYS, pool
 
 
 class EmbeddingModel(nn.Module):

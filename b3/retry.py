@@ -42,19 +42,22 @@ _TRANSIENT_MARKERS = (
 )  # fmt: skip
 
 
+# HTTP clients' own classes of connect, read and timeout failures (the Hugging Face hub client
+# is httpx2, a fork of httpx; by name, so that none of them need be installed)
+_HTTP_CLIENTS = ("httpx", "httpx2", "httpcore", "httpcore2", "requests", "urllib3")
+_HTTP_TRANSPORT_ERRORS = ("TransportError", "NetworkError", "TimeoutException", "ConnectError",
+                          "ConnectionError", "Timeout", "ProtocolError", "NewConnectionError")  # fmt: skip
+
+
 def is_transient(err: BaseException) -> bool:
     """Whether `err` is a passing network or object-store fault (worth another try)."""
     if isinstance(err, TransientError):
         return True
     if isinstance(err, (ConnectionError, TimeoutError)):
         return True
-    try:  # the Hugging Face hub client (httpx): connect and read failures, timeouts
-        import httpx
-
-        if isinstance(err, (httpx.TransportError,)):
-            return True
-    except ImportError:
-        pass
+    if any(cls.__name__ in _HTTP_TRANSPORT_ERRORS and cls.__module__.split(".")[0] in _HTTP_CLIENTS
+           for cls in type(err).__mro__):  # fmt: skip
+        return True
     text = str(err)
     return isinstance(err, OSError) and any(marker in text for marker in _TRANSIENT_MARKERS)
 

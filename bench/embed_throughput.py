@@ -56,7 +56,8 @@ def main() -> None:
 
     from sentence_transformers import SentenceTransformer
 
-    from b3.teacher import TextEncoder, pool, resolve_model_path
+    from b3.model_source import resolve_model_path
+    from b3.teacher import TextEncoder, pool
 
     texts = texts_from(Path(args.data), args.texts)
     ours = TextEncoder(args.model, max_length=args.max_length, batch_size=args.batch_size,

@@ -87,7 +87,7 @@ def sentence_transformers_fit(queries, positives, batch, max_length, steps) -> f
     )
     from sentence_transformers.losses import MultipleNegativesRankingLoss
 
-    from b3.teacher import resolve_model_path
+    from b3.model_source import resolve_model_path
 
     model = SentenceTransformer(resolve_model_path(MODEL), device="cpu")
     model.max_seq_length = max_length

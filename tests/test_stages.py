@@ -289,17 +289,29 @@ def test_b3_run_does_every_stage_then_skips_them(tmp_path, tiny_spec, capsys, mo
 
 
 def test_b3_run_stops_at_the_first_failing_stage(tmp_path, tiny_spec, capsys):
-    pq.write_table(make_pairs(60).drop_columns(["task"]), tmp_path / "p.parquet")
+    pq.write_table(make_pairs(10), tmp_path / "p.parquet")  # fewer rows than a batch: rank's own check
     spec = {**tiny_spec, "dataset": {**tiny_spec["dataset"], "uri": str(tmp_path / "p.parquet")}}
     assert run("run", write_manifest(tmp_path, spec)) == 2
     out = capsys.readouterr().out
     assert "rank" in out and "(exit 2)" in out and "partition" not in out.split("run test-job:")[1]
 
 
+def test_b3_run_checks_every_stage_before_the_first(tmp_path, tiny_spec, capsys):
+    pq.write_table(make_pairs(60).drop_columns(["task"]), tmp_path / "p.parquet")
+    spec = {**tiny_spec, "dataset": {**tiny_spec["dataset"], "uri": str(tmp_path / "p.parquet")},
+            "training": {**tiny_spec["training"], "student": str(tmp_path / "no-such-student")}}  # fmt: skip
+    assert run("run", write_manifest(tmp_path, spec)) == 2
+    captured = capsys.readouterr()
+    assert "run test-job:" not in captured.out  # no stage started
+    assert "cannot start; nothing was computed" in captured.err
+    assert "dataset.uri: dataset" in captured.err and "missing column(s) 'task' (task)" in captured.err
+    assert f"training.student: '{tmp_path}/no-such-student' not found" in captured.err
+
+
 def test_every_command_refuses_bad_input_with_exit_2(tmp_path, tiny_spec, capsys):
     no_split = write_manifest(tmp_path, tiny_spec, "nosplit")
     assert run("eval", no_split) == 2
-    assert "eval: dataset.split is not set" in capsys.readouterr().err
+    assert "dataset.split: not set, so there is no held-out split" in capsys.readouterr().err
     with_split = write_manifest(tmp_path, {**tiny_spec, "dataset": {**tiny_spec["dataset"], "split": {"key": "source"}}}, "split")
     assert run("eval", with_split, "--baseline", "nobody") == 2
     assert "--baseline 'nobody' is not one of the models: teacher, student (untrained)" in capsys.readouterr().err

@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 import torch
 
+from b3.model_source import resolve_model_path
 from b3.spec import TeacherSpec
-from b3.teacher import TextEncoder, embed_texts, pool, resolve_model_path
+from b3.teacher import TextEncoder, embed_texts, pool
 
 
 def test_pooling_against_hand_computed_values():

@@ -1,0 +1,149 @@
+"""Checks before compute: everything a stage will load, read or write can be had, before it
+spends any compute on the rest.
+
+    rank       teacher.model resolves; the dataset opens with the named columns; workDir writable
+    partition  mining.partitioner is installed; workDir writable
+    train      training.student resolves; the dataset opens; training.outputDir (or workDir) writable
+    eval       teacher.model and training.student resolve; the dataset opens; workDir writable
+
+`check(job, stages)` runs the checks of every stage given and raises PreflightError (a
+DataError: exit 2) listing every problem at once, each naming its field and, for a model,
+every source that was tried (`b3.model_source`). `b3 run` checks all its stages before the
+first, each stage program its own, and `b3 validate --preflight` all of them with no compute.
+A folder is probed by writing (and removing) a file in it; a folder the probe had to create is
+removed again when anything fails, so a refused job leaves the work directory as it was. On an
+object store only its bucket's existence is checked: a probe object could trigger a
+bucket's notifications. Network faults are retried (`b3.retry`), never reported as bad input.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import uuid
+from dataclasses import dataclass, field
+
+from b3.data import DataError, dataset_columns, require_columns
+from b3.model_source import Located, ModelNotFound, locate_model
+from b3.spec import B3Job
+from b3.storage import WorkDir
+
+STAGES = ("rank", "partition", "train", "eval")
+
+
+class PreflightError(DataError):
+    """Problems found before compute, each naming its field."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("cannot start; nothing was computed:\n  " + "\n  ".join(problems))
+
+
+@dataclass
+class Report:
+    """What the checks found: where each model comes from, and the problems."""
+
+    models: dict[str, Located] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+
+
+def _model(report: Report, field_name: str, name: str) -> None:
+    try:
+        located = locate_model(name)
+    except ModelNotFound as err:
+        report.problems.append(f"{field_name}: {err}")
+        return
+    if located.source != "Hugging Face hub":
+        problem = _config_problem(located.path)
+        if problem:
+            report.problems.append(f"{field_name}: {name!r} ({located.source} {located.path}): {problem}")
+            return
+    report.models[field_name] = located
+
+
+def _config_problem(folder: str) -> str | None:
+    """Why transformers cannot read the model's config.json (None when it can)."""
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(folder)
+    except (OSError, ValueError, KeyError) as err:
+        return f"its config.json does not load ({' '.join(str(err).split())[:300]})"
+    return None
+
+
+def _dataset(report: Report, job: B3Job, evaluates: bool) -> None:
+    spec = job.spec.dataset
+    try:
+        require_columns(spec, dataset_columns(spec))
+    except DataError as err:
+        report.problems.append(f"dataset.uri: {err}")
+    if evaluates and spec.split is None:
+        report.problems.append("dataset.split: not set, so there is no held-out split to evaluate on")
+
+
+def _probe_folder(field_name: str, uri: str, created: list[str]) -> str | None:
+    """Why nothing can be written under `uri` (None when a file can be). Folders made on the
+    way are appended to `created`, parents first."""
+    work = WorkDir(uri)
+    if not work.local:
+        bucket = work.root.strip("/").split("/", 1)[0]
+        if work.fs.get_file_info(bucket).type.name == "NotFound":
+            return f"{field_name}: {uri}: bucket {bucket!r} does not exist"
+        return None
+    folder = work.root
+    missing = []
+    while not os.path.exists(folder):
+        missing.append(folder)
+        folder = os.path.dirname(folder)
+    if not os.path.isdir(folder):
+        return f"{field_name}: {uri}: {folder} is a file, not a folder"
+    try:
+        for path in reversed(missing):
+            try:
+                os.mkdir(path)
+            except FileExistsError:  # another process of the gang made it just now
+                continue
+            created.append(path)
+        probe = os.path.join(work.root, f".b3-preflight-{uuid.uuid4().hex[:8]}")
+        with open(probe, "wb") as f:
+            f.write(b"b3")
+        os.remove(probe)
+    except OSError as err:
+        return f"{field_name}: {uri}: cannot write there ({err.strerror or err})"
+    return None
+
+
+def check(job: B3Job, stages: list[str] | tuple[str, ...], dry_run: bool = False) -> Report:
+    """Run the checks of `stages` (of STAGES); PreflightError when any fails. `dry_run`
+    (`b3 validate --preflight`) also removes the folders it made when all is well."""
+    spec, stages = job.spec, set(stages)
+    report = Report()
+    if stages & {"rank", "eval"}:
+        _model(report, "teacher.model", spec.teacher.model)
+    if stages & {"train", "eval"}:
+        _model(report, "training.student", spec.training.student)
+    if stages & {"rank", "train", "eval"}:
+        _dataset(report, job, evaluates="eval" in stages)
+    if "partition" in stages and spec.mining.partitioner == "kaminpar" and importlib.util.find_spec("kaminpar") is None:
+        report.problems.append("mining.partitioner: kaminpar is not installed here (its wheels cover Linux and "
+                               "macOS arm64): pip install kaminpar, or set mining.partitioner: metis")  # fmt: skip
+    if report.problems:  # write nothing for a job that cannot start anyway
+        raise PreflightError(report.problems)
+    folders = []
+    if stages & {"rank", "partition", "eval"}:
+        folders.append(("workDir", spec.work_dir))
+    if "train" in stages:
+        folders.append(("training.outputDir" if spec.training.output_dir else "workDir", spec.train_dir))
+    created: list[str] = []
+    for field_name, uri in dict.fromkeys(folders):
+        if problem := _probe_folder(field_name, uri, created):
+            report.problems.append(problem)
+    if report.problems or dry_run:
+        for path in reversed(created):
+            with contextlib.suppress(OSError):
+                os.rmdir(path)
+    if report.problems:
+        raise PreflightError(report.problems)
+    return report
