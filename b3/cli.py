@@ -549,7 +549,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         _print_summary(job, args.overrides)
         if args.preflight:
             stages = ["rank", "partition", "train"] + ["eval"] * (job.spec.dataset.split is not None)
-            report = preflight.check(job, stages, dry_run=True)
+            report = preflight.check(job, stages)
             print(f"preflight of {', '.join(stages)}: ok")
             for field_name, located in report.models.items():
                 print(f"  {field_name + ':':<18}{located.source}, {located.path}")

@@ -10,10 +10,12 @@ spends any compute on the rest.
 DataError: exit 2) listing every problem at once, each naming its field and, for a model,
 every source that was tried (`b3.model_source`). `b3 run` checks all its stages before the
 first, each stage program its own, and `b3 validate --preflight` all of them with no compute.
-A folder is probed by writing (and removing) a file in it; a folder the probe had to create is
-removed again when anything fails, so a refused job leaves the work directory as it was. On an
-object store only its bucket's existence is checked: a probe object could trigger a
-bucket's notifications. Network faults are retried (`b3.retry`), never reported as bad input.
+A folder is probed by writing (and removing) a file in it, once everything else passed, by the
+process that will write there (rank 0 of a training gang); the folders the probe had to make
+are removed again, so a job refused now or by its own checks later (a data error found while
+reading the rows) leaves the work directory as it was. On an object store only its bucket's
+existence is checked: a probe object could trigger the bucket's notifications. Network faults
+are retried (`b3.retry`), never reported as bad input.
 """
 
 from __future__ import annotations
@@ -115,9 +117,8 @@ def _probe_folder(field_name: str, uri: str, created: list[str]) -> str | None:
     return None
 
 
-def check(job: B3Job, stages: list[str] | tuple[str, ...], dry_run: bool = False) -> Report:
-    """Run the checks of `stages` (of STAGES); PreflightError when any fails. `dry_run`
-    (`b3 validate --preflight`) also removes the folders it made when all is well."""
+def check(job: B3Job, stages: list[str] | tuple[str, ...]) -> Report:
+    """Run the checks of `stages` (of STAGES); PreflightError when any fails."""
     spec, stages = job.spec, set(stages)
     report = Report()
     if stages & {"rank", "eval"}:
@@ -134,16 +135,15 @@ def check(job: B3Job, stages: list[str] | tuple[str, ...], dry_run: bool = False
     folders = []
     if stages & {"rank", "partition", "eval"}:
         folders.append(("workDir", spec.work_dir))
-    if "train" in stages:
+    if "train" in stages and os.environ.get("RANK", "0") == "0":  # rank 0 alone writes train/
         folders.append(("training.outputDir" if spec.training.output_dir else "workDir", spec.train_dir))
     created: list[str] = []
     for field_name, uri in dict.fromkeys(folders):
         if problem := _probe_folder(field_name, uri, created):
             report.problems.append(problem)
-    if report.problems or dry_run:
-        for path in reversed(created):
-            with contextlib.suppress(OSError):
-                os.rmdir(path)
+    for path in reversed(created):  # the stage makes them when it writes
+        with contextlib.suppress(OSError):
+            os.rmdir(path)
     if report.problems:
         raise PreflightError(report.problems)
     return report

@@ -638,7 +638,7 @@ class _StrictLoader(yaml.SafeLoader):
             if key in seen:
                 line = key_node.start_mark.line + 1
                 raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key {key!r} (line {line}; first on line {seen[key]})",
+                    None, None, f"duplicate key {key!r} on line {line} (first on line {seen[key]})",
                     key_node.start_mark,
                 )
             seen[key] = key_node.start_mark.line + 1
@@ -671,7 +671,7 @@ def _yaml_problem(err: yaml.YAMLError) -> str:
     problem = getattr(err, "problem", None)
     mark = getattr(err, "problem_mark", None)
     if problem and problem.startswith("duplicate key"):
-        return f"{problem.split(' (line')[0]} on line {mark.line + 1}; every key may appear once"
+        return f"{problem}; every key may appear once"
     where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
     return f"not valid YAML ({problem or err}{where})"
 
