@@ -123,11 +123,14 @@ class DatasetSpec(_Model):
         "auto", description="File format; auto picks it from the extension, and `datasets` for "
         "a folder written by Hugging Face datasets' save_to_disk (one split's folder).",
     )
-    columns: ColumnsSpec = Field(default_factory=ColumnsSpec)
+    columns: ColumnsSpec = Field(default_factory=ColumnsSpec, description="Which columns hold what.")
     split: SplitSpec | None = Field(
         None, description="Held-out test split. Absent: every row is used for training."
     )
-    prompts: PromptsSpec = Field(default_factory=PromptsSpec)
+    prompts: PromptsSpec = Field(
+        default_factory=PromptsSpec,
+        description="Instructions prefixed to the student's queries and positives (the teacher's too with teacher.usePrompts).",
+    )
 
 
 # --- teacher and ranking -----------------------------------------------------------------
@@ -186,7 +189,7 @@ class MiningSpec(_Model):
         16,
         ge=2,
         description="Community size K (the partitioner gives exactly K). Default 16: |B|/4 at the default "
-        "batchSize; K = |B| lost 0.9-1.2 nDCG@10 points against K = |B|/4 on Debian (README).",
+        "batchSize; K = |B| lost 0.9-1.2 nDCG@10 points against K = |B|/4 on Debian (docs/experiments.md).",
     )
     batch_size: int = Field(
         64, ge=2, description="Global batch size |B|; a multiple of clusterSize."
@@ -294,7 +297,7 @@ class TrainingSpec(_Model):
         True, description="Score each query against the positives of every process."
     )
     gradient_checkpointing: bool = Field(False, description="Trade compute for activation memory.")
-    lora: LoraSpec = Field(default_factory=LoraSpec)
+    lora: LoraSpec = Field(default_factory=LoraSpec, description="The LoRA adapters trained on the student.")
     nodes: int = Field(1, ge=1, le=4096, description="Training nodes (pods).")
     processes_per_node: int = Field(1, ge=1, le=64, description="Processes (GPUs) per node.")
     max_restarts: int = Field(
@@ -392,9 +395,9 @@ class StagePolicySpec(_Model):
 
 
 class StagesSpec(_Model):
-    rank: StagePolicySpec = Field(default_factory=StagePolicySpec)
-    partition: StagePolicySpec = Field(default_factory=StagePolicySpec)
-    train: StagePolicySpec = Field(default_factory=StagePolicySpec)
+    rank: StagePolicySpec = Field(default_factory=StagePolicySpec, description="The rank stage's pods.")
+    partition: StagePolicySpec = Field(default_factory=StagePolicySpec, description="The partition stage's pod.")
+    train: StagePolicySpec = Field(default_factory=StagePolicySpec, description="The training pods.")
 
     @model_validator(mode="after")
     def _train_restarts_the_gang(self) -> StagesSpec:
@@ -420,11 +423,16 @@ class RunPolicySpec(_Model):
 
 
 class B3JobSpec(_Model):
-    dataset: DatasetSpec
-    teacher: TeacherSpec = Field(default_factory=TeacherSpec)
-    rank: RankSpec = Field(default_factory=RankSpec)
-    mining: MiningSpec = Field(default_factory=MiningSpec)
-    training: TrainingSpec = Field(default_factory=TrainingSpec)
+    dataset: DatasetSpec = Field(..., description="The (query, positive) pairs: where, which columns, the held-out split, prompts.")
+    teacher: TeacherSpec = Field(
+        default_factory=TeacherSpec, description="The model that ranks every positive for every query."
+    )
+    rank: RankSpec = Field(default_factory=RankSpec, description="How the rank stage spreads its work (not what it computes).")
+    mining: MiningSpec = Field(
+        default_factory=MiningSpec,
+        description="The S-graph (ranks p..p+m), its communities of clusterSize rows, and the batches made of them.",
+    )
+    training: TrainingSpec = Field(default_factory=TrainingSpec, description="The student, its loss, its schedule and its layout.")
     work_dir: str = Field(
         ...,
         min_length=1,
