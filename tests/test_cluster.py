@@ -3,7 +3,7 @@ installed with the real helm, the operator running in its pod under the chart's
 ServiceAccount, stage Jobs run by the real Job controller, their pods by the node double.
 
 Each test says which real component it leans on; what the node double does not emulate is in
-tests/cluster/node_double.py and the README."""
+tests/cluster/node_double.py and docs/development.md."""
 
 from __future__ import annotations
 
@@ -24,14 +24,16 @@ OPERATOR_NS = "b3-system"
 OPERATOR_SA = f"system:serviceaccount:{OPERATOR_NS}:b3-b3-operator"
 
 
-def wait_for(what: str, check, timeout: float = 180, every: float = 0.5):
+def wait_for(what: str, check, timeout: float = 180, every: float = 0.5, show=None):
+    """check()'s first truthy value; TimeoutError after `timeout` s, with show()'s account of
+    where things stood."""
     deadline = time.time() + timeout
     while True:
         value = check()
         if value:
             return value
         if time.time() > deadline:
-            raise TimeoutError(f"{what}: not after {timeout:.0f}s")
+            raise TimeoutError(f"{what}: not after {timeout:.0f}s" + (f"; {show()}" if show else ""))
         time.sleep(every)
 
 
@@ -348,7 +350,8 @@ def test_kueue_admits_the_stages_and_the_operator_never_fights_it(kueue, data_vo
         return {c["type"]: c for c in status(kueue, "queued").get("conditions", [])}.get("Queued", {})
 
     # first without a Workload (NoWorkload); Kueue's Workload events bring its reason
-    queued = wait_for("Queued by Kueue", lambda: queued_condition().get("reason") == "Pending" and queued_condition(), 60)
+    queued = wait_for("Queued by Kueue", lambda: queued_condition().get("reason") == "Pending" and queued_condition(), 90,
+                      show=lambda: f"condition {queued_condition()}, Workload {workload(kueue, 'queued-rank').get('status')}")
     assert queued["status"] == "True" and status(kueue, "queued")["phase"] == "Queued"
     assert "insufficient quota for cpu" in queued["message"] and "b3-queue" in queued["message"]
     assert get(kueue, "job", "-n", "e2e", "queued-rank")["spec"]["suspend"] is True
