@@ -1,6 +1,6 @@
 """B3 batches in sentence-transformers' trainer (b3.sentence_transformers): one process fits
 on exactly the mined batches; two processes (torchrun, gloo) together hold exactly one mined
-batch in every step; bad pairings are refused; the README's snippet runs."""
+batch in every step; bad pairings are refused; the snippet of docs/sentence-transformers.md runs."""
 
 from __future__ import annotations
 
@@ -100,10 +100,9 @@ def test_b3_plus_plus_negatives_are_columns_from_the_first_epoch(tmp_path, tiny_
         assert [ds[int(row)]["negative_1"], ds[int(row)]["negative_2"]] == [mined.rows.positives[i] for i in negatives]
 
 
-def test_the_readme_snippet_runs(mined_job, tmp_path):
-    readme = (ROOT / "README.md").read_text()
-    section = readme.split("## B3 batches in your sentence-transformers training", 1)[1]
-    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+def test_the_docs_snippet_runs(mined_job, tmp_path):
+    page = (ROOT / "docs" / "sentence-transformers.md").read_text()
+    code = re.search(r"```python\n(.*?)```", page, re.S).group(1)
     (tmp_path / "job.yaml").write_text(Path(mined_job).read_text())
     done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
