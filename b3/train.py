@@ -69,6 +69,14 @@ class Dist:
 # --- data --------------------------------------------------------------------------------
 
 
+def _loader_worker_ignores_sigterm(_worker_id: int) -> None:
+    """torchrun forwards SIGTERM to each worker's whole process group, DataLoader workers
+    included; killed, they would crash the step in flight ("DataLoader worker ... is killed by
+    signal: Terminated") instead of letting it finish and be checkpointed. They stop with the
+    loader, or when their parent is gone."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 class EpochBatches(torch.utils.data.Dataset):
     """This process's tokenised slices of one epoch's global batches, from `start` on.
 
@@ -449,7 +457,8 @@ class Trainer:
             # its own generator: creating a loader must not draw from the global RNG, or a resumed
             # run would get other dropout masks than an uninterrupted one
             loader = torch.utils.data.DataLoader(data, batch_size=None, num_workers=min(2, os.cpu_count() or 1), prefetch_factor=2,
-                                                 generator=torch.Generator().manual_seed(self.spec.mining.seed + self.epoch))  # fmt: skip
+                                                 generator=torch.Generator().manual_seed(self.spec.mining.seed + self.epoch),
+                                                 worker_init_fn=_loader_worker_ignores_sigterm)  # fmt: skip
             last_step_end = time.perf_counter()  # a step's time includes waiting for its batch
             for item in loader:
                 loss, accuracy, stop = compute_gradients(

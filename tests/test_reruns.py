@@ -117,6 +117,39 @@ def test_sigterm_during_training_checkpoints_that_step_and_the_rerun_resumes_the
     assert f"resumed from {root}/step-{stopped:07d} (step {stopped}," in again.stderr
 
 
+def test_sigterm_to_the_launcher_reaches_the_trainer_under_torchrun_and_it_checkpoints_that_step(
+    tmp_path, quickstart
+):
+    """What a kubelet does to a training pod: SIGTERM to its first process, the launcher
+    (b3_jobs.launch, torchrun), which forwards it to every worker's process group, DataLoader
+    workers included. The workers finish the step in flight, checkpoint it and exit 143; the
+    pod exits 143; the next gang resumes from that step."""
+    spec = changed(quickstart, "training", steps=5000, checkpointEvery=1000, processesPerNode=2)
+    manifest = str(write_manifest(tmp_path, spec, "quickstart"))
+    assert main(["rank", manifest]) == 0 and main(["partition", manifest]) == 0
+    launch = [sys.executable, "-m", "b3_jobs.launch", "--standalone", "--nproc-per-node", "2",
+              "-m", "b3_jobs.train", manifest]  # what the operator's training pods run
+    log = tmp_path / "train.log"
+    with open(log, "w") as err:
+        proc = subprocess.Popen(launch, stdout=err, stderr=subprocess.STDOUT)
+        deadline = time.time() + 300
+        while '"step": 20,' not in log.read_text():
+            assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=120)
+    logs = log.read_text()
+    assert code == 143, logs[-3000:]
+    assert "DataLoader worker" not in logs and "Traceback" not in logs, logs[-3000:]
+    stopped = int(logs.split("stopped by SIGTERM after step ")[1].split()[0])
+    root = Artifacts(load_manifest(manifest).spec).checkpoint_root()
+    assert os.listdir(root) == [f"step-{stopped:07d}"]
+
+    again = subprocess.run(launch, capture_output=True, text=True, timeout=300,
+                           env={**os.environ, "B3_FAULT_AT_STEP": str(stopped + 1)})  # fmt: skip
+    assert f"resumed from {root}/step-{stopped:07d} (step {stopped}," in again.stdout + again.stderr
+
+
 @pytest.mark.parametrize("stage", ["rank", "partition", "train"])
 def test_a_crash_between_outputs_and_manifest_makes_the_next_run_redo_the_stage(
     tmp_path, quickstart, capsys, monkeypatch, stage
