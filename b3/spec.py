@@ -371,13 +371,19 @@ class PodTemplateSpec(_Model):
         False,
         description="Mount the ServiceAccount's API token in stage pods (they need none to run).",
     )
+    termination_grace_period_seconds: int = Field(
+        60, ge=15, le=86400,
+        description="Seconds between SIGTERM (preemption, eviction, suspend) and SIGKILL for stage pods. "
+        "Training finishes the step in flight and checkpoints it in this window: give it a step plus a "
+        "checkpoint save. The training launcher waits this minus 10 s for its workers.",
+    )  # fmt: skip
 
 
 class StagePolicySpec(_Model):
     resources: K8sObject | None = Field(
         None,
-        description="Container resources (default: rank 1 GPU, partition 2 CPU/8Gi, train "
-        "processesPerNode GPUs per node).",
+        description="Container resources. The GPU default is added unless nvidia.com/gpu is named: "
+        "rank 1 GPU, train processesPerNode GPUs per node (0: the CPU); partition 2 CPU/8Gi.",
     )
     backoff_limit: int | None = Field(
         None, ge=0, le=100,
@@ -473,6 +479,7 @@ class B3JobSpec(_Model):
                 f"workDir {self.work_dir} is an object store, and training checkpoints need a file "
                 "system: set training.outputDir to a local or mounted path"
             )
+        errors += _train_gpu_problems(self.stages.train.resources, self.training.processes_per_node)
         if errors:
             raise ValueError("; ".join(errors))
         return self
@@ -481,6 +488,22 @@ class B3JobSpec(_Model):
     def train_dir(self) -> str:
         """The root under which the train stage writes train/ (outputDir, else workDir)."""
         return self.training.output_dir or self.work_dir
+
+
+def _train_gpu_problems(resources: K8sObject | None, processes: int) -> list[str]:
+    """Each training process drives one GPU: a training pod asks for processesPerNode GPUs, or
+    none (the CPU, with gloo). Any other count leaves processes without a GPU or GPUs idle."""
+    problems = []
+    for kind, amounts in (resources or {}).items():
+        if not isinstance(amounts, dict) or "nvidia.com/gpu" not in amounts:
+            continue
+        given = str(amounts["nvidia.com/gpu"])
+        if given not in {str(processes), "0"}:
+            problems.append(
+                f"stages.train.resources.{kind}.nvidia.com/gpu ({given}) must equal "
+                f"training.processesPerNode ({processes}), one GPU per process, or be 0 to train on the CPU"
+            )
+    return problems
 
 
 # A B3Job's children are named <name>-spec, -rank, -partition, -train (and the train pods'

@@ -52,6 +52,7 @@ CHANGES = {
     "template.volumes": [{"name": "v", "emptyDir": {}}],
     "template.volumeMounts": [{"name": "v", "mountPath": "/v"}],
     "template.securityContext": {"runAsUser": 5}, "template.automountServiceAccountToken": True,
+    "template.terminationGracePeriodSeconds": 300,
     **{f"stages.{s}.{f}": v for s in ("rank", "partition", "train")
        for f, v in (("resources", {"limits": {"cpu": "1"}}), ("backoffLimit", 5),
                     ("activeDeadlineSeconds", 60), ("startupDeadlineSeconds", 30))

@@ -4,6 +4,7 @@ and RBAC equal to what the operator's code uses."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -114,7 +115,29 @@ def test_namespaced_install_binds_roles_only_where_it_watches():
     assert len(by_kind(objects, "KopfPeering")) == 2
     (monitor,) = by_kind(objects, "PodMonitor")
     assert monitor["spec"]["namespaceSelector"] == {"matchNames": ["ml-team", "research"]}
-    assert by_kind(objects, "ServiceMonitor")
+    (endpoint,) = monitor["spec"]["podMetricsEndpoints"]
+    # of a training gang only node 0 serves metrics; pods of other stages have no index label
+    (keep,) = endpoint["relabelings"]
+    assert keep["action"] == "keep" and keep["sourceLabels"] == ["__meta_kubernetes_pod_label_batch_kubernetes_io_job_completion_index"]
+    assert [i for i in ("", "0", "1", "10") if re.fullmatch(keep["regex"], i)] == ["", "0"]
+    (service_monitor,) = by_kind(objects, "ServiceMonitor")
+    # the operator's series keep each B3Job's namespace, not the operator's
+    assert service_monitor["spec"]["endpoints"][0]["honorLabels"] is True
+    workers = by_kind(objects, "ServiceAccount")
+    assert {a["metadata"]["namespace"] for a in workers if a["metadata"]["name"] == "b3-worker"} == {"ml-team", "research"}
+
+
+def test_every_service_account_an_example_names_is_one_the_chart_creates_there():
+    """A B3Job naming a ServiceAccount its namespace lacks never gets pods (the Job controller
+    cannot create them): the examples name only accounts the default install creates."""
+    accounts = {(a["metadata"]["namespace"], a["metadata"]["name"]) for a in by_kind(render({}), "ServiceAccount")}
+    examples = sorted((CHART.parents[1] / "examples").glob("*.yaml"))
+    assert examples
+    for path in examples:
+        for doc in yaml.safe_load_all(path.read_text()):
+            if doc and doc.get("kind") == "B3Job" and "serviceAccountName" in doc["spec"].get("template", {}):
+                where = (doc["metadata"].get("namespace", "default"), doc["spec"]["template"]["serviceAccountName"])
+                assert where in accounts, f"{path.name} names ServiceAccount {where[1]} in {where[0]}"
 
 
 @pytest.mark.parametrize("values, where", [

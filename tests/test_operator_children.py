@@ -124,8 +124,10 @@ def test_training_is_an_indexed_gang_with_torchrun_in_exec_form():
     assert container["command"] == [
         "python", "-m", "b3_jobs.launch", "--nnodes", "2", "--nproc-per-node", "8",
         "--node-rank", "$(JOB_COMPLETION_INDEX)", "--rdzv-endpoint", "job-1-train-0.job-1-train:29400",
-        "-m", "b3_jobs.train", "/etc/b3/job.yaml",
+        "--shutdown-timeout", "50", "-m", "b3_jobs.train", "/etc/b3/job.yaml",
     ]  # fmt: skip
+    # SIGTERM to SIGKILL: torchrun waits 50 s for its workers' checkpoint, then 10 s to exit
+    assert pod["terminationGracePeriodSeconds"] == 60
     assert container["resources"] == {"limits": {"nvidia.com/gpu": "8", "memory": "900Gi"}}
     # the first failed pod fails the Job (whose controller stops the rest): the gang restarts
     assert spec["backoffLimit"] == 0 and spec["activeDeadlineSeconds"] == 86400
@@ -216,3 +218,40 @@ def test_every_child_name_of_the_longest_allowed_job_name_is_a_dns_label():
         assert len(child) <= 63 and re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", child), child
     hostname = f"{children.child_name(name, 'train')}-{MULTI_NODE['training']['nodes'] - 1}"
     assert len(hostname) <= 63  # the Indexed Job's pods: <job>-train-<index>
+
+
+def test_a_longer_stop_window_lengthens_the_launchers_wait_for_its_workers():
+    spec = {**MULTI_NODE, "template": {**MULTI_NODE["template"], "terminationGracePeriodSeconds": 600}}
+    _, train = children.stage_child(body(spec), parse_spec(spec), "train")
+    pod = train["spec"]["template"]["spec"]
+    command = pod["containers"][0]["command"]
+    assert command[command.index("--shutdown-timeout") + 1] == "590"
+    assert pod["terminationGracePeriodSeconds"] == 600
+    (partition,) = children.stage_child(body(spec), parse_spec(spec), "partition")
+    assert partition["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == 600
+
+
+@pytest.mark.parametrize("stage, given, expected", [
+    # a memory-only limit keeps the GPU default: 8 processes still get their 8 GPUs
+    ("train", {"limits": {"memory": "600Gi"}}, {"limits": {"nvidia.com/gpu": "8", "memory": "600Gi"}}),
+    ("train", {"requests": {"cpu": "48"}}, {"requests": {"cpu": "48"}, "limits": {"nvidia.com/gpu": "8"}}),
+    ("train", {"limits": {"nvidia.com/gpu": 0, "cpu": "16"}}, {"limits": {"nvidia.com/gpu": "0", "cpu": "16"}}),
+    ("rank", {"limits": {"memory": "64Gi"}}, {"limits": {"nvidia.com/gpu": "1", "memory": "64Gi"}}),
+    ("rank", {"requests": {"nvidia.com/gpu": 2}, "limits": {"nvidia.com/gpu": 2}},
+     {"requests": {"nvidia.com/gpu": "2"}, "limits": {"nvidia.com/gpu": "2"}}),
+    ("partition", {"limits": {"memory": "32Gi"}}, {"limits": {"memory": "32Gi"}}),
+    ("partition", None, {"requests": {"cpu": "2", "memory": "8Gi"}, "limits": {"memory": "8Gi"}}),
+])  # fmt: skip
+def test_user_resources_keep_the_gpu_default_unless_they_name_gpus(stage, given, expected):
+    spec = {**MULTI_NODE, "stages": {stage: {"resources": given}}}
+    job = [c for c in children.stage_child(body(spec), parse_spec(spec), stage) if c["kind"] == "Job"][0]
+    assert job["spec"]["template"]["spec"]["containers"][0]["resources"] == expected
+
+
+def test_only_pods_that_serve_metrics_declare_the_port():
+    (rayjob,) = children.stage_child(body(RAY), parse_spec(RAY), "rank")
+    cluster = rayjob["spec"]["rayClusterSpec"]
+    head = cluster["headGroupSpec"]["template"]["spec"]["containers"][0]
+    worker = cluster["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
+    assert head["ports"] == [{"name": "metrics", "containerPort": children.METRICS_PORT}]  # the driver
+    assert "ports" not in worker

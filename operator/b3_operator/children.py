@@ -27,6 +27,10 @@ MANIFEST_PATH = f"{MANIFEST_DIR}/job.yaml"
 CONTAINER = "stage"
 METRICS_PORT = 9400
 RDZV_PORT = 29400
+# of a pod's termination grace period, what the training launcher leaves itself after waiting
+# for its workers to checkpoint (torchrun's --shutdown-timeout is the rest): to collect their
+# exit codes and exit before the kubelet's SIGKILL
+LAUNCHER_EXIT_SECONDS = 10
 EXIT_BAD_INPUT = 2  # the stage programs' exit code for a bad manifest or dataset
 DEFAULT_BACKOFF_LIMIT = 2  # pod retries of the rank and partition stages
 
@@ -35,10 +39,8 @@ DEFAULT_POD_SECURITY = {
     "seccompProfile": {"type": "RuntimeDefault"},
 }  # fmt: skip
 CONTAINER_SECURITY = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
-DEFAULT_RESOURCES = {
-    "rank": {"limits": {"nvidia.com/gpu": 1}},
-    "partition": {"requests": {"cpu": "2", "memory": "8Gi"}, "limits": {"memory": "8Gi"}},
-}
+GPU = "nvidia.com/gpu"  # rank: 1 per pod, train: training.processesPerNode per pod
+DEFAULT_PARTITION_RESOURCES = {"requests": {"cpu": "2", "memory": "8Gi"}, "limits": {"memory": "8Gi"}}
 
 
 def child_name(job: str, stage: str) -> str:
@@ -87,19 +89,21 @@ def spec_configmap(body: dict[str, Any], spec: B3JobSpec) -> dict[str, Any]:
 
 
 def _resources(spec: B3JobSpec, stage: str) -> dict[str, Any]:
-    given = getattr(spec.stages, stage).resources
-    if given is None:
-        given = (
-            {"limits": {"nvidia.com/gpu": spec.training.processes_per_node}}
-            if stage == "train"
-            else DEFAULT_RESOURCES[stage]
-        )
+    """The stage container's resources: the user's, with the GPU default added when they name no
+    GPU, so that a memory-only limit keeps an 8-process gang on its 8 GPUs (`nvidia.com/gpu: 0`
+    asks for none: the CPU)."""
+    given = copy.deepcopy(getattr(spec.stages, stage).resources)
+    if stage == "partition":
+        resources = given if given is not None else copy.deepcopy(DEFAULT_PARTITION_RESOURCES)
+    else:
+        resources = given or {}
+        if not any(GPU in (resources.get(kind) or {}) for kind in ("requests", "limits")):
+            gpus = spec.training.processes_per_node if stage == "train" else 1
+            resources["limits"] = {GPU: gpus, **(resources.get("limits") or {})}
     # quantities as strings ("8", "600Gi"): YAML gives ints, and clients want Quantity strings
     return {
-        kind: {name: str(q) for name, q in amounts.items()}
-        if isinstance(amounts, dict)
-        else copy.deepcopy(amounts)
-        for kind, amounts in given.items()
+        kind: {name: str(q) for name, q in amounts.items()} if isinstance(amounts, dict) else amounts
+        for kind, amounts in resources.items()
     }
 
 
@@ -140,6 +144,7 @@ def pod_spec(
         "volumes": volumes,
         "securityContext": _merged(DEFAULT_POD_SECURITY, t.security_context or {}),
         "automountServiceAccountToken": t.automount_service_account_token,
+        "terminationGracePeriodSeconds": t.termination_grace_period_seconds,
         "enableServiceLinks": False,
     }
     optional = {
@@ -218,6 +223,7 @@ def stage_job(
         command = ["python", "-m", "b3_jobs.launch", "--nnodes", str(t.nodes), "--nproc-per-node", str(t.processes_per_node),
                    "--node-rank", "$(JOB_COMPLETION_INDEX)",  # expanded by the kubelet, not a shell
                    "--rdzv-endpoint", f"{name}-0.{child_name(job, 'train')}:{RDZV_PORT}",
+                   "--shutdown-timeout", str(spec.template.termination_grace_period_seconds - LAUNCHER_EXIT_SECONDS),
                    "-m", "b3_jobs.train", MANIFEST_PATH]  # fmt: skip
     else:
         command = ["python", "-m", f"b3_jobs.{stage}", MANIFEST_PATH]
@@ -279,6 +285,8 @@ def rank_rayjob(body: dict[str, Any], spec: B3JobSpec, suspend: bool = False) ->
 
     head = group_pod()
     head["spec"]["containers"][0]["resources"] = {"requests": {"cpu": "2", "memory": "8Gi"}}
+    worker = group_pod()
+    del worker["spec"]["containers"][0]["ports"]  # the driver serves metrics, on the head
     rayjob: dict[str, Any] = {
         "apiVersion": "ray.io/v1",
         "kind": "RayJob",
@@ -293,7 +301,7 @@ def rank_rayjob(body: dict[str, Any], spec: B3JobSpec, suspend: bool = False) ->
                 "headGroupSpec": {"rayStartParams": {}, "template": head},
                 "workerGroupSpecs": [{
                     "groupName": "rank", "replicas": spec.rank.workers, "minReplicas": spec.rank.workers,
-                    "maxReplicas": spec.rank.workers, "rayStartParams": {}, "template": group_pod(),
+                    "maxReplicas": spec.rank.workers, "rayStartParams": {}, "template": worker,
                 }],
             },
         },
