@@ -7,6 +7,7 @@ check that every name a dashboard uses exists here.
 from __future__ import annotations
 
 import logging
+import os
 import time
 
 import torch
@@ -24,6 +25,12 @@ def serve_metrics(registry: CollectorRegistry, port: int, addr: str = "0.0.0.0")
         log.warning("metrics: cannot listen on %s:%d (%s); going on without a metrics endpoint", addr, port, err)
         return False
     return True
+
+def linger_for_last_scrape() -> None:
+    """Keep the process, and its metrics endpoint, alive for B3_METRICS_LINGER_SECONDS (the
+    operator sets it on stage pods), so that the final values are scraped before it exits."""
+    time.sleep(float(os.environ.get("B3_METRICS_LINGER_SECONDS", "0")))
+
 
 TRAIN_METRICS = (
     "b3_train_step",

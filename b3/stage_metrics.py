@@ -7,12 +7,9 @@ exits. Every progress bar (`b3.progress`) feeds `b3_stage_progress_*`.
 
 from __future__ import annotations
 
-import os
-import time
-
 from prometheus_client import CollectorRegistry, Gauge
 
-from b3.metrics import serve_metrics
+from b3.metrics import linger_for_last_scrape, serve_metrics
 
 STAGE_METRICS = (
     "b3_stage_progress_done",
@@ -55,4 +52,4 @@ def serve(job: str, port: int) -> None:
 def linger() -> None:
     """Keep the process (and its metrics endpoint) alive for a last scrape."""
     if _job is not None:
-        time.sleep(float(os.environ.get("B3_METRICS_LINGER_SECONDS", "0")))
+        linger_for_last_scrape()

@@ -42,7 +42,7 @@ from b3.data import DataError
 from b3.errors import TrainingError, TrainingStopped
 from b3.false_negatives import TeacherScoreFilter, TopPFilter
 from b3.loss import CachedInfoNCELoss, InfoNCELoss
-from b3.metrics import TrainMetrics
+from b3.metrics import TrainMetrics, linger_for_last_scrape
 from b3.mined import MinedRows
 from b3.model import EmbeddingModel, build_student, export_sentence_transformer
 from b3.model_card import model_card, st_prompts
@@ -200,6 +200,7 @@ class Trainer:
         dist_env: Dist,
         metrics_port: int | None = None,
         fault_at_step: int | None = None,
+        nan_loss_at_step: int | None = None,
     ):
         spec, t, mining = job.spec, job.spec.training, job.spec.mining
         self.job, self.spec, self.dist = job, spec, dist_env
@@ -224,6 +225,7 @@ class Trainer:
         )
         self.metrics_port = metrics_port
         self.fault_at_step = fault_at_step
+        self.nan_loss_at_step = nan_loss_at_step
         self.step = self.epoch = self.batch_in_epoch = 0
         self.started = time.time()
         self.stop_requested = False  # set by SIGTERM; the gang stops after the current step
@@ -265,7 +267,8 @@ class Trainer:
             self.spec.training.gather_across_devices,
         )
         self.metrics = TrainMetrics(self.job.name, self.total_steps)
-        if self.dist.rank == 0 and self.metrics_port is not None:
+        self.serving_metrics = self.dist.rank == 0 and self.metrics_port is not None
+        if self.serving_metrics:
             self.metrics.serve(self.metrics_port)
         self._resume()
         h = self.spec.mining.hard_negatives
@@ -469,8 +472,12 @@ class Trainer:
                     self.dist.world,
                     self.stop_requested,
                 )
+                if self.nan_loss_at_step == self.step + 1:  # testing: the model diverged
+                    loss = float("nan")
                 if not np.isfinite(loss):
                     self.metrics.loss.set(loss)  # so the alert on a non-finite loss can see it
+                    if self.serving_metrics:
+                        linger_for_last_scrape()  # ... in a scrape before the pod exits
                     last = self.checkpoint_dirs()
                     raise TrainingError(
                         f"loss is {loss} at step {self.step + 1}; stopped. Last good checkpoint: "
@@ -571,12 +578,13 @@ def train_stage(job: B3Job, env: dict[str, str] | None = None) -> dict:
 
     Environment: torchrun's RANK/WORLD_SIZE/LOCAL_RANK; B3_METRICS_PORT serves metrics from
     rank 0; B3_FAULT_AT_STEP=N SIGKILLs the process right after step N (fault injection, for
-    the resume tests)."""
+    the resume tests); B3_NAN_LOSS_AT_STEP=N makes step N's loss NaN (for the alert tests)."""
     env = dict(os.environ) if env is None else env
     dist_env = Dist.from_env(env)
     port = int(env["B3_METRICS_PORT"]) if env.get("B3_METRICS_PORT") else None
     fault = int(env["B3_FAULT_AT_STEP"]) if env.get("B3_FAULT_AT_STEP") else None
-    trainer = Trainer(job, dist_env, metrics_port=port, fault_at_step=fault)
+    nan_at = int(env["B3_NAN_LOSS_AT_STEP"]) if env.get("B3_NAN_LOSS_AT_STEP") else None
+    trainer = Trainer(job, dist_env, metrics_port=port, fault_at_step=fault, nan_loss_at_step=nan_at)
     try:
         trainer.init_distributed()
         done = trainer.finished()

@@ -211,6 +211,45 @@ def test_prometheus_scraping_a_training_run_answers_every_query(tmp_path, tiny_s
         prom.wait(30)
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("prometheus") is None, reason="needs prometheus (Debian package)")
+def test_a_nan_loss_fires_the_alert_in_a_real_prometheus_after_the_trainer_exited(tmp_path, tiny_spec):
+    """The trainer stops at a NaN loss; it keeps its endpoint up for one last scrape, and the
+    chart's own rule, evaluated by Prometheus, still fires once the series went stale."""
+    from b3.cli import main
+
+    spec = {**tiny_spec, "training": {**tiny_spec["training"], "steps": 50, "checkpointEvery": 100,
+                                      "lora": {"targetModules": ["query", "value"]}}}  # fmt: skip
+    manifest = str(write_manifest(tmp_path, spec, "nan"))
+    assert main(["rank", manifest]) == 0 and main(["partition", manifest]) == 0
+    train_port, prom_port = free_port(), free_port()
+    (rule,) = [o for o in render({"prometheusRule": {"enabled": True}}) if o["kind"] == "PrometheusRule"]
+    (tmp_path / "rules.yaml").write_text(yaml.safe_dump({"groups": rule["spec"]["groups"]}))
+    config = {"global": {"scrape_interval": "1s", "evaluation_interval": "1s"}, "rule_files": [str(tmp_path / "rules.yaml")],
+              "scrape_configs": [{"job_name": "b3-train", "static_configs": [{"targets": [f"127.0.0.1:{train_port}"]}]}]}  # fmt: skip
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
+    prom = subprocess.Popen(["prometheus", f"--config.file={tmp_path / 'prometheus.yml'}",
+                             f"--storage.tsdb.path={tmp_path / 'tsdb'}", f"--web.listen-address=127.0.0.1:{prom_port}"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        env = {**os.environ, "B3_METRICS_PORT": str(train_port), "B3_NAN_LOSS_AT_STEP": "3",
+               "B3_METRICS_LINGER_SECONDS": "5"}  # fmt: skip
+        train = subprocess.run([sys.executable, "-m", "b3_jobs.train", manifest], env=env,
+                               capture_output=True, text=True, timeout=300)  # fmt: skip
+        assert train.returncode == 1 and "loss is nan at step 3" in train.stderr, train.stderr[-2000:]
+        deadline = time.time() + 30
+        while not prom_query(prom_port, "up == 0")["data"]["result"]:  # the pod is gone
+            assert time.time() < deadline, "Prometheus never saw the trainer go"
+            time.sleep(1)
+        time.sleep(3)
+        assert prom_query(prom_port, "b3_train_loss")["data"]["result"] == []  # stale by now
+        firing = prom_query(prom_port, 'ALERTS{alertname="B3TrainingLossNotFinite", alertstate="firing"}')
+        assert [a["metric"]["b3job"] for a in firing["data"]["result"]] == ["nan"]
+    finally:
+        prom.terminate()
+        prom.wait(30)
+
+
 def test_a_taken_metrics_port_costs_the_metrics_not_the_work(caplog):
     """A stage whose metrics port is taken (pods sharing an address, hostNetwork) goes on
     without its endpoint: a warning, no exception (it used to crash the training pod)."""
