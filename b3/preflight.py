@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 
 from b3.data import DataError, dataset_columns, require_columns
 from b3.model_source import Located, ModelNotFound, locate_model
+from b3.retry import retrying
 from b3.spec import B3Job
 from b3.storage import WorkDir
 
@@ -91,7 +92,10 @@ def _probe_folder(field_name: str, uri: str, created: list[str]) -> str | None:
     work = WorkDir(uri)
     if not work.local:
         bucket = work.root.strip("/").split("/", 1)[0]
-        if work.fs.get_file_info(bucket).type.name == "NotFound":
+        found = retrying(
+            f"{uri}: look up bucket {bucket}", lambda: work.fs.get_file_info(bucket).type.name
+        )
+        if found == "NotFound":
             return f"{field_name}: {uri}: bucket {bucket!r} does not exist"
         return None
     folder = work.root

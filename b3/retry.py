@@ -11,6 +11,7 @@ that does not parse) are not transient and pass through unchanged.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import random
 import time
@@ -22,12 +23,14 @@ from b3.errors import TransientError
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-# Seconds slept before each retry (and a jitter of up to a quarter on top). pyarrow's S3 client
-# retries on its own first (3 attempts, about 6 s against a store that refuses connections), so
-# four tries here ride out some 30 s of outage, a restarting gateway or a dropped connection,
-# and a store down for good fails the stage within about half a minute: the Job's own retry (a
-# fresh pod, after the Job controller's backoff) takes over from there.
-RETRY_DELAYS = (1.0, 2.0, 4.0)
+# How long a fault is retried, from the first failure, whatever a client spends per attempt:
+# pyarrow's S3 client retries on its own first (about 6 s against a store that refuses
+# connections, but 0 ms when it gives up at once), so the budget is time, not a count of tries.
+# Half a minute rides out a restarting gateway or a dropped connection; a store down for good
+# fails the stage soon after, and the Job's own retry (a fresh pod, after the Job controller's
+# backoff) takes over from there. The pause doubles from FIRST_PAUSE up to MAX_PAUSE.
+RETRY_SECONDS = 30.0
+FIRST_PAUSE, MAX_PAUSE = 1.0, 8.0
 
 # What pyarrow's S3/GCS/HDFS clients, urllib3 and httpx say of a passing fault. pyarrow's S3
 # errors read "AWS Error <CODE> during <Op> operation: ..." with the SDK's error code; curl codes
@@ -62,27 +65,30 @@ def is_transient(err: BaseException) -> bool:
     return isinstance(err, OSError) and any(marker in text for marker in _TRANSIENT_MARKERS)
 
 
-def retrying(what: str, call: Callable[[], T], delays: tuple[float, ...] | None = None) -> T:
-    """`call()`, tried again after each transient failure with the delays of RETRY_DELAYS;
-    TransientError (naming `what`, the attempts and the last error) once they are spent.
-    Any other error is raised at once."""
-    delays = RETRY_DELAYS if delays is None else delays
-    for attempt in range(len(delays) + 1):
+def retrying(what: str, call: Callable[[], T], budget: float | None = None) -> T:
+    """`call()`, tried again after each transient failure until `budget` seconds (RETRY_SECONDS)
+    have passed since the first try, the last try at the end of it; then TransientError
+    naming `what`, the attempts and the last error. Any other error is raised at once."""
+    budget = RETRY_SECONDS if budget is None else budget
+    started, pause = time.monotonic(), FIRST_PAUSE
+    for attempt in itertools.count(1):
         try:
             return call()
         except Exception as err:
             if not is_transient(err):
                 raise
-            if attempt == len(delays):
+            spent = time.monotonic() - started
+            if spent >= budget:
                 raise TransientError(
-                    f"{what}: still failing after {attempt + 1} attempts over "
-                    f"{sum(delays):.0f} s ({_one_line(err)}); a transient fault (network or object "
-                    "store), so the stage may be retried"
+                    f"{what}: still failing after {attempt} attempts over {spent:.0f} s "
+                    f"({_one_line(err)}); a transient fault (network or object store), so the "
+                    "stage may be retried"
                 ) from err
-            pause = delays[attempt] * (1 + random.random() / 4)
-            log.warning("%s: %s; retrying in %.1f s (attempt %d of %d)", what, _one_line(err), pause,
-                        attempt + 2, len(delays) + 1)  # fmt: skip
-            time.sleep(pause)
+            wait = min(pause * (1 + random.random() / 4), budget - spent)
+            log.warning("%s: %s; retrying in %.1f s (attempt %d, %.0f s of %.0f s spent)", what,
+                        _one_line(err), wait, attempt + 1, spent, budget)  # fmt: skip
+            time.sleep(wait)
+            pause = min(2 * pause, MAX_PAUSE)
     raise AssertionError("unreachable")
 
 
