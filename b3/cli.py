@@ -5,7 +5,7 @@
     b3 validate  job.yaml     check a manifest, print a summary (--json: the resolved spec)
     b3 rank      job.yaml     teacher embeddings + top p+m positives per query
     b3 partition job.yaml     communities of clusterSize rows (KaMinPar or METIS)
-    b3 inspect   job.yaml     batch hardness: mined vs random batches
+    b3 inspect   job.yaml     batch hardness, and whether B3 can help: mined vs random batches
     b3 train     job.yaml     LoRA training on the mined batches (torchrun when several processes)
     b3 eval      job.yaml     retrieval metrics on the held-out split: teacher, untrained, trained
     b3 embed     MODEL --input texts.txt --output emb.npy
@@ -441,7 +441,10 @@ def build_parser() -> argparse.ArgumentParser:
         ("validate", "check a manifest and print the resolved spec"),
         ("rank", "embed with the teacher and rank positives per query"),
         ("partition", "partition the rank graph into communities (KaMinPar or METIS)"),
-        ("inspect", "compare batch hardness of mined and random batches"),
+        (
+            "inspect",
+            "batch hardness of mined and random batches, and whether B3 can help on this data",
+        ),
         ("train", "train the student with LoRA on the mined batches"),
     ]:
         cmd = sub.add_parser(name, help=text, description=text)
@@ -556,13 +559,20 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
     if args.sweep:
         return sweep_command(job, args)
+    from b3 import diagnosis
+    from b3.artifacts import Artifacts
     from b3.stages import inspect_stage
 
     result = inspect_stage(job, top_k=args.top_k, epoch=args.epoch)
+    result["diagnosis"] = diagnosis.diagnose(job, epoch=args.epoch)
+    work = Artifacts(job.spec).work
+    if work.local:
+        work.write_json(result["diagnosis"], "inspect", "diagnosis.json")
     if args.json:
         print(json.dumps(result, indent=2))
     else:
         _print_inspect(result)
+        print(diagnosis.table_text(result["diagnosis"]))
     return 0
 
 

@@ -14,6 +14,11 @@ measures those batches with the teacher:
     above_positive   share of queries with an in-batch negative the teacher scores above their
                      own positive (the GISTEmbed false-negative rule)
     s_inside         share of S-edges inside a community
+    e_same_task      E: window rows a random batch of the query's mining group would hold
+                     (`b3.diagnosis`); B3 has the most to add where it is small
+    gradient_on_top_p, gradient_on_window
+                     share of the step-0 negative gradient on the top p and on the window, from
+                     the teacher's scores at training.temperature (`b3.diagnosis`)
 
 Scopes: "per-task" ranks and cuts within each task, batches one task each (B3's default);
 "whole-set" ranks the training split as one task (`perTask: false`, `mixTasks: true`).
@@ -30,6 +35,12 @@ import numpy as np
 from b3.artifacts import Artifacts, read_embeddings
 from b3.batches import B3BatchSampler, RandomBatchSampler
 from b3.data import load_pairs
+from b3.diagnosis import (
+    batch_of_rows,
+    expected_window_rows,
+    in_batch_counts,
+    negative_gradient_shares,
+)
 from b3.hardness import batch_hardness
 from b3.progress import progress
 from b3.ranking import assign_mining_groups, clamp_window, rank_groups
@@ -54,13 +65,6 @@ class Grid:
         if max(self.p) + max(self.m) >= rows - 1:
             errors.append(f"p + m ({max(self.p) + max(self.m)}) must be below the training rows - 1 ({rows - 1})")
         return errors  # fmt: skip
-
-
-def in_batch_counts(batch_of: np.ndarray, ranked: np.ndarray) -> np.ndarray:
-    """(N,) how many of each row's ranked rows (-1 padded) sit in its own batch."""
-    valid = ranked >= 0
-    same = batch_of[np.maximum(ranked, 0)] == batch_of[:, None]
-    return (same & valid).sum(1)
 
 
 def sweep(job: B3Job, grid: Grid, top_k: int) -> dict:
@@ -106,11 +110,12 @@ def sweep(job: B3Job, grid: Grid, top_k: int) -> dict:
                     clusters, cut = communities(neighbors, groups.of_row, len(groups.names), skip, window, point)
                     batches = B3BatchSampler(clusters, mining.batch_size, groups.of_row, mix_tasks=point.mix_tasks,
                                              seed=mining.seed).batches(0)  # fmt: skip
-                    batch_of = np.full(len(pairs), -1, dtype=np.int64)
-                    for b, rows in enumerate(batches):
-                        batch_of[rows] = b
+                    batch_of = batch_of_rows(batches, len(pairs))
                     kept = batch_of >= 0
                     hard = batch_hardness(batches, q_emb, p_emb, pairs.positive_group, top_k)
+                    shares = negative_gradient_shares(batches, q_emb, p_emb, pairs.positive_group,
+                                                      {"top_p": top_p, "window": window_ranks},
+                                                      spec.training.temperature)  # fmt: skip
                     points.append({
                         "scope": scope, "p": p, "m": m, "k": k, "edges": edges,
                         "hardness": hard["topk_negative"],
@@ -120,6 +125,9 @@ def sweep(job: B3Job, grid: Grid, top_k: int) -> dict:
                         "top_p_in_batch": float(in_batch_counts(batch_of, top_p)[kept].mean()),
                         "above_positive": hard["above_positive"],
                         "s_inside": cut["s_edges_inside_share"],
+                        "e_same_task": float(expected_window_rows(mining.batch_size, window, sizes[groups.of_row]).mean()),
+                        "gradient_on_top_p": float(np.nanmean(shares["top_p"])),
+                        "gradient_on_window": float(np.nanmean(shares["window"])),
                         "seconds": round(time.perf_counter() - started, 2),
                     })  # fmt: skip
                     bar.update(1)
@@ -135,11 +143,12 @@ def table(result: dict) -> str:
              f"random same task {b['random_same_task']['topk_negative']:.3f} "
              f"(neg > pos {100 * b['random_same_task']['above_positive']:.1f}%)",
              f"  {'scope':<10}{'p':>4}{'m':>5}{'K':>4}{'edges':>8}{'hardness':>10}{'/random':>9}{'/same task':>11}"
-             f"{'window':>8}{'top-p':>7}{'neg>pos':>9}{'S inside':>10}"]  # fmt: skip
+             f"{'window':>8}{'top-p':>7}{'neg>pos':>9}{'S inside':>10}{'E task':>8}{'grad top-p':>12}{'grad win':>10}"]  # fmt: skip
     for pt in sorted(result["points"], key=lambda x: (x["scope"], -x["hardness"])):
         lines.append(f"  {pt['scope']:<10}{pt['p']:>4}{pt['m']:>5}{pt['k']:>4}{pt['edges']:>8}{pt['hardness']:>10.3f}"
                      f"{pt['vs_random']:>8.2f}x{pt['vs_random_same_task']:>10.2f}x{pt['window_in_batch']:>8.2f}"
-                     f"{pt['top_p_in_batch']:>7.2f}{100 * pt['above_positive']:>8.1f}%{100 * pt['s_inside']:>9.1f}%")  # fmt: skip
+                     f"{pt['top_p_in_batch']:>7.2f}{100 * pt['above_positive']:>8.1f}%{100 * pt['s_inside']:>9.1f}%"
+                     f"{pt['e_same_task']:>8.2f}{100 * pt['gradient_on_top_p']:>11.1f}%{100 * pt['gradient_on_window']:>9.1f}%")  # fmt: skip
     return "\n".join(lines)
 
 

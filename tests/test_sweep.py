@@ -6,12 +6,13 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 from conftest import write_manifest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from b3.cli import main
-from b3.sweep import in_batch_counts
+from b3.diagnosis import in_batch_counts
 
 
 def run(*argv) -> int:
@@ -66,6 +67,14 @@ def test_each_point_measures_what_partition_and_inspect_would(tmp_path, tiny_spe
     assert result["baselines"]["random_same_task"]["topk_negative"] == inspected["batches"]["random_same_task"]["topk_negative"]
     stats = json.loads((tmp_path / "work" / "partition" / "stats.json").read_text())
     assert own["s_inside"] == stats["s_edges_inside_share"]
+    # and what the diagnosis measures on the same batches
+    diagnosed = inspected["diagnosis"]["overall"]
+    assert own["e_same_task"] == pytest.approx(
+        diagnosed["expected_window_in_batch"]["random_same_task"]
+    )
+    assert own["window_in_batch"] == pytest.approx(diagnosed["b3"]["window_in_batch"])
+    assert own["gradient_on_top_p"] == pytest.approx(diagnosed["b3"]["gradient_on_top_p"])
+    assert own["gradient_on_window"] == pytest.approx(diagnosed["b3"]["gradient_on_window"])
 
 
 def test_sweep_refuses_bad_grids_and_a_missing_rank_stage(tmp_path, tiny_spec, capsys, monkeypatch):
