@@ -6,7 +6,7 @@ each stage's fingerprint covers, and when a stage's outputs may be trusted.
     <workDir>/rank/topk.parquet           p+m ranked neighbours per row (read_topk)
     <workDir>/partition/clusters.parquet  community of each row, + stats.json
     <outputDir>/train/checkpoints/<train fingerprint>/step-N/
-    <outputDir>/train/final/{adapter,model}/
+    <outputDir>/train/final/model/            merged model; + adapter/ under LoRA
     <workDir>/eval/results.json
     <each stage folder>/manifest.json     written last: fingerprint, inputs, outputs, summary
 
@@ -65,8 +65,9 @@ UPSTREAM = {"rank": None, "partition": "rank", "train": "partition"}
 OUTPUTS = {
     "rank": ["embeddings.arrow", "topk.parquet"],
     "partition": ["clusters.parquet", "stats.json"],
-    "train": ["final/model/config.json", "final/adapter/adapter_config.json"],
+    "train": ["final/model/config.json"],
 }
+LORA_OUTPUTS = ["final/adapter/adapter_config.json"]  # the train stage's under finetuning: lora
 
 
 def _get(tree: dict, path: str) -> Any:
@@ -182,13 +183,18 @@ class Artifacts:
         if root.exists(stage, "manifest.json"):
             root.delete(stage, "manifest.json")
 
+    def outputs(self, stage: str) -> list[str]:
+        """The files that show `stage` done, under its folder."""
+        lora = stage == "train" and self.spec.training.finetuning == "lora"
+        return OUTPUTS[stage] + (LORA_OUTPUTS if lora else [])
+
     def finish(self, stage: str, summary: dict, started: float) -> dict:
         """Write the manifest that marks the stage done; call it after every output is written."""
         record = {
             "stage": stage,
             "fingerprint": self.fingerprint(stage),
             "inputs": self.inputs(stage),
-            "outputs": OUTPUTS[stage],
+            "outputs": self.outputs(stage),
             "summary": summary,
             "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
             "seconds": round(time.time() - started, 3),
@@ -200,7 +206,7 @@ class Artifacts:
         """The manifest of a stage whose outputs another stage is about to read; DataError
         unless they exist and were made for this spec."""
         root = self.root(stage)
-        missing = [n for n in ["manifest.json", *OUTPUTS[stage]] if not root.exists(stage, n)]
+        missing = [n for n in ["manifest.json", *self.outputs(stage)] if not root.exists(stage, n)]
         if missing:
             raise DataError(
                 f"{stage} stage output missing in {root.path(stage)}: {', '.join(missing)}; "

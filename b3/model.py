@@ -1,10 +1,11 @@
-"""The student: a Hugging Face encoder with LoRA adapters (peft) that embeds texts.
+"""The student: a Hugging Face encoder, with LoRA adapters (peft) or all of its weights
+trained, that embeds texts.
 
-`build_student` loads any `AutoModel`, wraps it with LoRA (target modules from peft's
-per-family table unless the spec names them), and returns an `EmbeddingModel` whose forward
-maps tokenised inputs to L2-normalised embeddings. `export_sentence_transformer` merges the
-adapter into the weights and writes a folder that both `transformers` and
-`sentence-transformers` load.
+`build_student` loads any `AutoModel`, wraps it with LoRA when given a LoraSpec (target modules
+from peft's per-family table unless the spec names them; every other weight frozen) or leaves
+every weight trainable when not, and returns an `EmbeddingModel` whose forward maps tokenised
+inputs to L2-normalised embeddings. `export_sentence_transformer` merges an adapter into the
+weights and writes a folder that both `transformers` and `sentence-transformers` load.
 """
 
 from __future__ import annotations
@@ -62,7 +63,8 @@ def build_student(
     lora: LoraSpec | None,
     gradient_checkpointing: bool = False,
 ) -> EmbeddingModel:
-    """Load the student and add LoRA adapters (all other weights frozen)."""
+    """Load the student; with `lora`, add LoRA adapters (all other weights frozen), without it
+    every weight trains (full fine-tuning)."""
     path = resolve_model_path(model)
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:

@@ -52,10 +52,15 @@ def model_card(job: B3Job, train: dict, prompts: dict[str, str], evaluation: dic
     s, m, t = job.spec, job.spec.mining, job.spec.training
     base = _hub_id(t.student)
     meta = {"library_name": "sentence-transformers", "pipeline_tag": "sentence-similarity",
-            "tags": ["sentence-transformers", "sentence-similarity", "feature-extraction", "b3", "lora"]}  # fmt: skip
+            "tags": ["sentence-transformers", "sentence-similarity", "feature-extraction", "b3"]}  # fmt: skip
+    if t.finetuning == "lora":
+        meta["tags"].append("lora")
     if base:
         meta["base_model"] = base
     targets = ", ".join(t.lora.target_modules) if t.lora.target_modules else "the family default"
+    how = "with LoRA" if t.finetuning == "lora" else "in full (every weight trained)"
+    weights = (f"LoRA r={t.lora.r}, alpha={t.lora.alpha}, dropout={t.lora.dropout} on {targets}; merged into the weights"
+               if t.finetuning == "lora" else "full fine-tuning: every weight trained")  # fmt: skip
     length = f"{train['steps']} steps ({train['epochs']} full epochs)"
     batches = ("B3 mined batches" if t.sampler == "b3" else "random batches (the baseline)") + (
         f" with {m.hard_negatives} hard negatives per query (B3++)" if m.hard_negatives else "")
@@ -66,7 +71,7 @@ def model_card(job: B3Job, train: dict, prompts: dict[str, str], evaluation: dic
     sections = [
         "---\n" + yaml.safe_dump(meta, sort_keys=False) + "---",
         f"# {job.name}",
-        f"A sentence embedding model fine-tuned from `{t.student}` with LoRA on {batches}, by "
+        f"A sentence embedding model fine-tuned from `{t.student}` {how} on {batches}, by "
         "b3-operator (B3, *Breaking the Batch "
         "Barrier*, Thirukovalluru et al., 2025): a teacher ranks every positive for every query, "
         "ranks [p, p+m) become a graph, a partitioner cuts it into communities of K rows, and each batch "
@@ -76,7 +81,7 @@ def model_card(job: B3Job, train: dict, prompts: dict[str, str], evaluation: dic
         "## Model\n\n"
         f"- base model: `{t.student}`, {t.pooling} pooling, L2-normalised, cosine similarity\n"
         f"- max sequence length: {t.max_length} tokens\n"
-        f"- LoRA r={t.lora.r}, alpha={t.lora.alpha}, dropout={t.lora.dropout} on {targets}; merged into the weights",
+        f"- {weights}",
         "## Training data\n\n"
         f"- dataset: `{s.dataset.uri}` (query column `{s.dataset.columns.query}`, positive column "
         f"`{s.dataset.columns.positive}`)\n"

@@ -297,7 +297,15 @@ class TrainingSpec(_Model):
         True, description="Score each query against the positives of every process."
     )
     gradient_checkpointing: bool = Field(False, description="Trade compute for activation memory.")
-    lora: LoraSpec = Field(default_factory=LoraSpec, description="The LoRA adapters trained on the student.")
+    finetuning: Literal["lora", "full"] = Field(
+        "lora",
+        description="Which weights train: lora (adapters on the student, the rest frozen; merged "
+        "into the exported model) or full (every weight; for students that are not embedders "
+        "yet, e.g. a base model, with a lower learningRate such as 2e-5).",
+    )
+    lora: LoraSpec = Field(
+        default_factory=LoraSpec, description="The LoRA adapters trained when finetuning is lora."
+    )
     nodes: int = Field(1, ge=1, le=4096, description="Training nodes (pods).")
     processes_per_node: int = Field(1, ge=1, le=64, description="Processes (GPUs) per node.")
     max_restarts: int = Field(
@@ -316,9 +324,12 @@ class TrainingSpec(_Model):
     )
 
     @model_validator(mode="after")
-    def _steps_or_epochs(self) -> TrainingSpec:
+    def _consistent(self) -> TrainingSpec:
         if self.steps is not None and self.epochs is not None:
             raise ValueError("give steps or epochs, not both")
+        if self.finetuning == "full" and self.lora != LoraSpec():  # (a resolved spec has the default)
+            raise ValueError("training.lora is set, but training.finetuning is full (every weight "
+                             "trains, no adapters): remove training.lora, or set finetuning: lora")  # fmt: skip
         return self
 
     @property

@@ -1,4 +1,4 @@
-"""The training recipe: LoRA on the student, InfoNCE over mined batches, on 1..N processes.
+"""The training recipe: LoRA (or full fine-tuning) of the student, InfoNCE over mined batches, on 1..N processes.
 
     b3 train job.yaml                                    # one process, or a local torchrun
     torchrun --nnodes N --nproc-per-node G -m b3_jobs.train job.yaml   # what pods run
@@ -9,8 +9,8 @@ from the newest checkpoint, `train` is the loop, `save_checkpoint` / `export` wr
 
 Multi-process: every process builds the same sampler, takes the same global batch, and embeds
 its contiguous slice `rank` of it; the loss gathers all slices (see `b3.loss`), and gradients
-of the LoRA parameters are averaged over processes (one flattened all-reduce) before the
-optimizer step, so every process holds identical weights and rank 0 alone writes
+of the trained parameters are averaged over processes (all-reduces of flattened buckets)
+before the optimizer step, so every process holds identical weights and rank 0 alone writes
 checkpoints. Whatever must be one decision for the gang (skip a finished stage, which
 checkpoint to resume, stop on SIGTERM) is rank 0's, or agreed in a collective.
 
@@ -33,7 +33,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from peft import set_peft_model_state_dict
-from safetensors.torch import load_file
+from safetensors.torch import load_file, load_model, save_model
 from transformers import get_linear_schedule_with_warmup
 
 from b3.artifacts import Artifacts, read_embeddings, read_topk
@@ -50,6 +50,11 @@ from b3.spec import B3Job, spec_to_dict
 from b3.storage import fsync_dir
 
 log = logging.getLogger("b3.train")
+
+FULL_WEIGHTS = "model.safetensors"  # a full fine-tuning checkpoint's weights
+# Gradient values per all-reduce: one for a LoRA model's hundreds of small adapter tensors (a
+# collective each would cost a latency each), and a bounded extra copy for a full model.
+BUCKET_VALUES = 1 << 25  # 128 MiB of fp32
 
 
 @dataclass(frozen=True)
@@ -139,20 +144,30 @@ def _to(item: dict, device: torch.device) -> dict:
 # --- one step's gradients ----------------------------------------------------------------
 
 
-def average_gradients(params: list[torch.nn.Parameter], world: int) -> None:
-    """Mean of each gradient over processes (each process's loss is a mean over its slice).
-
-    One all-reduce of all gradients flattened into a bucket: a LoRA model has hundreds of
-    small adapter tensors, and one collective each would cost a latency each."""
+def average_gradients(params: list[torch.nn.Parameter], world: int, bucket_values: int = BUCKET_VALUES) -> None:
+    """Mean of each gradient over processes (each process's loss is a mean over its slice):
+    one all-reduce per bucket of consecutive gradients flattened together, each bucket at most
+    `bucket_values` values unless one tensor alone is larger."""
     if world == 1:
         return
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    bucket = torch.cat([g.reshape(-1) for g in grads])  # (total parameters,)
-    dist.all_reduce(bucket, op=dist.ReduceOp.SUM)
-    bucket /= world
+    bucket, values = [], 0
+    for i, p in enumerate(params):
+        if p.grad is None:  # a parameter this batch did not reach still takes the others' mean
+            p.grad = torch.zeros_like(p)
+        bucket.append(p.grad)
+        values += p.numel()
+        if i + 1 == len(params) or values + params[i + 1].numel() > bucket_values:
+            _all_reduce_mean(bucket, world)
+            bucket, values = [], 0
+
+
+def _all_reduce_mean(grads: list[torch.Tensor], world: int) -> None:
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    flat /= world
     offset = 0
-    for p, g in zip(params, grads, strict=True):
-        p.grad = bucket[offset : offset + g.numel()].view_as(g).clone()
+    for g in grads:
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
         offset += g.numel()
 
 
@@ -305,9 +320,8 @@ class Trainer:
     def _setup_model(self) -> EmbeddingModel:
         t = self.spec.training
         torch.manual_seed(self.spec.mining.seed)  # same LoRA init on every process
-        student = build_student(
-            t.student, t.pooling, t.max_length, t.lora, t.gradient_checkpointing
-        )
+        lora = t.lora if t.finetuning == "lora" else None  # None: every weight trains
+        student = build_student(t.student, t.pooling, t.max_length, lora, t.gradient_checkpointing)
         if self.device.type == "cuda" and torch.cuda.is_bf16_supported():
             student.autocast_dtype = torch.bfloat16  # fp32 master weights, bf16 compute
         return student.to(self.device).train()
@@ -363,9 +377,7 @@ class Trainer:
         state = torch.load(
             os.path.join(path, "trainer_state.pt"), weights_only=True, map_location="cpu"
         )
-        set_peft_model_state_dict(
-            self.student.backbone, load_file(os.path.join(path, "adapter_model.safetensors"))
-        )
+        self._load_weights(path)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step, self.epoch, self.batch_in_epoch = (
@@ -381,6 +393,21 @@ class Trainer:
             path, self.step, self.epoch, self.batch_in_epoch,
         )  # fmt: skip
 
+    def _save_weights(self, folder: str) -> None:
+        """The trained weights into a checkpoint folder: peft's adapter files under LoRA, else
+        the whole model as one safetensors file (tied weights once; no shards to reassemble)."""
+        if self.spec.training.finetuning == "lora":
+            self.student.backbone.save_pretrained(folder)
+        else:
+            save_model(self.student.backbone, os.path.join(folder, FULL_WEIGHTS))
+
+    def _load_weights(self, folder: str) -> None:
+        if self.spec.training.finetuning == "lora":
+            adapter = load_file(os.path.join(folder, "adapter_model.safetensors"))
+            set_peft_model_state_dict(self.student.backbone, adapter)
+        else:
+            load_model(self.student.backbone, os.path.join(folder, FULL_WEIGHTS))
+
     def save_checkpoint(self) -> None:
         rng = _get_rng_state()
         states = [None] * self.dist.world
@@ -394,7 +421,7 @@ class Trainer:
             tmp = f"{final}.tmp-{os.getpid()}"
             try:
                 os.makedirs(tmp, exist_ok=True)
-                self.student.backbone.save_pretrained(tmp)
+                self._save_weights(tmp)
                 # tensors and plain data only: it loads with torch.load(weights_only=True)
                 torch.save({
                     "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
@@ -515,14 +542,16 @@ class Trainer:
                 self.batch_in_epoch = 0
 
     def export(self) -> dict:
-        """Adapter and merged model under <outputDir>/train/final/, then the stage manifest."""
+        """The model (LoRA merged in) and, under LoRA, the adapter under <outputDir>/train/final/,
+        then the stage manifest."""
         if self.dist.rank != 0:
             return {}
         final = self.artifacts.final_dir()
         tmp = f"{final}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         try:
-            self.student.backbone.save_pretrained(os.path.join(tmp, "adapter"))
+            if self.spec.training.finetuning == "lora":
+                self.student.backbone.save_pretrained(os.path.join(tmp, "adapter"))
             prompts = st_prompts(self.spec.dataset.prompts)
             export_sentence_transformer(self.student, os.path.join(tmp, "model"), prompts)
             card = model_card(self.job, {**self.data_summary, "steps": self.step, "epochs": self.epoch,

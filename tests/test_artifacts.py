@@ -39,7 +39,7 @@ CHANGES = {
     "training.learningRate": 0.001, "training.warmupRatio": 0.2, "training.maxGradNorm": 2.0,
     "training.epochs": 2, "training.steps": 5, "training.miniBatchSize": 4,
     "training.symmetric": True, "training.gatherAcrossDevices": False,
-    "training.gradientCheckpointing": True, "training.lora.r": 4, "training.lora.alpha": 8,
+    "training.gradientCheckpointing": True, "training.finetuning": "full", "training.lora.r": 4, "training.lora.alpha": 8,
     "training.lora.dropout": 0.1, "training.lora.targetModules": ["query"],
     "training.nodes": 2, "training.processesPerNode": 2, "training.checkpointEvery": 7,
     "training.keepCheckpoints": 1, "training.outputDir": "/elsewhere",

@@ -46,12 +46,17 @@ def mined(tmp_path, tiny_spec):
         shutil.copytree(base, work)
         manifest = write_manifest(
             tmp_path,
-            {**spec, "workDir": str(work), "training": {**spec["training"], **training}},
+            {**spec, "workDir": str(work), "training": _merged(spec["training"], training)},
             name,
         )
         return str(manifest), str(work)
 
     return make
+
+
+def _merged(training: dict, overrides: dict) -> dict:
+    """`training` with `overrides`; an override of None removes the key."""
+    return {k: v for k, v in {**training, **overrides}.items() if v is not None}
 
 
 def train_process(manifest: str, **env) -> subprocess.CompletedProcess:
@@ -90,6 +95,58 @@ def test_killed_and_resumed_equals_straight_through(mined):
         == (1, 5)
     )
     assert state_a["sampler"] == state_b["sampler"]
+
+
+def test_full_finetuning_trains_every_weight_and_resumes_like_straight_through(mined):
+    straight, work = mined("full-straight", steps=20, checkpointEvery=10, finetuning="full", lora=None)
+    resumed, _ = mined("full-resumed", steps=20, checkpointEvery=10, finetuning="full", lora=None)
+    lora, lora_work = mined("lora", steps=20, checkpointEvery=10)
+    assert train_process(straight).returncode == 0 and train_process(lora).returncode == 0
+    assert train_process(resumed, B3_FAULT_AT_STEP="10").returncode == -9
+    again = train_process(resumed)
+    assert again.returncode == 0 and "resumed from" in again.stderr, again.stderr
+    checkpoints = [os.path.join(checkpoint_root(m), "step-0000020") for m in (straight, resumed)]
+    assert sorted(os.listdir(checkpoints[0])) == ["model.safetensors", "trainer_state.pt"]
+    a, b = (load_file(os.path.join(c, "model.safetensors")) for c in checkpoints)
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-7, msg=name)
+    # the export: no adapter; against the student it started from, every weight the loss reaches
+    # has moved under full fine-tuning, and only the adapted query and value weights under LoRA
+    assert sorted(os.listdir(os.path.join(work, "train", "final"))) == ["model"]
+    student = load_manifest(straight).spec.training.student
+    start = load_file(os.path.join(student, "model.safetensors"))
+    full = load_file(os.path.join(work, "train", "final", "model", "model.safetensors"))
+    merged = load_file(os.path.join(lora_work, "train", "final", "model", "model.safetensors"))
+    reached = [n for n in start if not n.startswith("pooler.")]  # mean pooling skips the pooler
+    moved = {n for n in reached if not torch.equal(full[n], start[n])}
+    assert moved == set(reached)
+    moved_by_lora = {n for n in reached if not torch.allclose(merged[n], start[n], atol=1e-7)}
+    assert moved_by_lora and all(".query." in n or ".value." in n for n in moved_by_lora)
+    assert all(torch.equal(full[n], start[n]) for n in start if n.startswith("pooler."))
+    with open(os.path.join(work, "train", "final", "model", "README.md")) as f:
+        card = f.read()
+    assert "in full (every weight trained)" in card and "- lora" not in card
+
+
+def _average_two_processes(rank: int, port: int, out: str) -> None:
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    params = [torch.nn.Parameter(torch.zeros(shape)) for shape in [(3,), (2, 2), (7,), (1,)]]
+    for i, p in enumerate(params):
+        if not (rank == 1 and i == 2):  # rank 1's batch did not reach parameter 2
+            p.grad = torch.full(p.shape, float(10 * rank + i))
+    b3.train.average_gradients(params, 2, bucket_values=5)  # buckets [3], [4], [7], [1]
+    torch.save([p.grad for p in params], f"{out}-{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+def test_gradients_are_averaged_bucket_by_bucket_over_processes(tmp_path):
+    out = str(tmp_path / "grads")
+    torch.multiprocessing.spawn(_average_two_processes, args=(free_port(), out), nprocs=2)
+    expected = [torch.full(s, v) for s, v in [((3,), 5.0), ((2, 2), 6.0), ((7,), 1.0), ((1,), 8.0)]]
+    for rank in (0, 1):
+        for got, want in zip(torch.load(f"{out}-{rank}.pt"), expected, strict=True):
+            torch.testing.assert_close(got, want)
 
 
 def free_port() -> int:
@@ -237,6 +294,28 @@ def test_torchrun_two_processes_train_like_one(tmp_path, tiny_spec, tiny_model_n
         weights_only=True,
     )
     assert state["world_size"] == 2 and len(state["rng"]) == 2
+
+
+@pytest.mark.slow
+def test_full_finetuning_on_two_processes_with_gradcache_trains_like_one(tmp_path, tiny_spec, tiny_model_no_dropout):
+    """Every weight trained, on two torchrun processes that embed in GradCache chunks: the
+    same weights as one process taking the plain loss over the whole batch."""
+    spec = {**tiny_spec, "teacher": {**tiny_spec["teacher"], "model": tiny_model_no_dropout},
+            "training": {"student": tiny_model_no_dropout, "steps": 4, "learningRate": 0.001,
+                         "finetuning": "full"}}  # fmt: skip
+    one = write_manifest(tmp_path, {**spec, "workDir": "one"}, "one")
+    assert main(["rank", str(one)]) == 0 and main(["partition", str(one)]) == 0
+    shutil.copytree(tmp_path / "one", tmp_path / "two")
+    two_training = {**spec["training"], "processesPerNode": 2, "miniBatchSize": 3}
+    two = write_manifest(tmp_path, {**spec, "workDir": "two", "training": two_training}, "two")
+    assert main(["train", str(one)]) == 0 and main(["train", str(two)]) == 0
+    a = load_file(tmp_path / "one" / "train" / "final" / "model" / "model.safetensors")
+    b = load_file(tmp_path / "two" / "train" / "final" / "model" / "model.safetensors")
+    start = load_file(os.path.join(tiny_model_no_dropout, "model.safetensors"))
+    assert a.keys() == b.keys() and not torch.equal(a["embeddings.word_embeddings.weight"],
+                                                    start["embeddings.word_embeddings.weight"])  # fmt: skip
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
 @pytest.mark.parametrize("rule", ["top-p", "teacher"])
