@@ -60,6 +60,7 @@ from b3.data import load_pairs, read_table, split_bucket  # noqa: E402
 from b3.evaluation import Ranks, paired_bootstrap, per_query, rank_encoder  # noqa: E402
 from b3.spec import B3Job, SplitSpec, load_manifest  # noqa: E402
 from b3.stages import partition_stage, rank_stage  # noqa: E402
+from b3.storage import fingerprint  # noqa: E402
 from b3.teacher import TextEncoder  # noqa: E402
 from b3.train import train_stage  # noqa: E402
 
@@ -142,7 +143,10 @@ def subset(job: B3Job, tasks: list[str] | None, buckets: int, validation: bool, 
         test = test.model_copy(update={"test_bucket": (test.test_bucket + 1) % buckets})
     work.mkdir(parents=True, exist_ok=True)
     path = work / "data.parquet"
-    pq.write_table(table, path)
+    # rewritten only when the rows change: the file's modification time is part of the rank
+    # stage's fingerprint, so a rerun with the same data (another learning rate) reuses mining
+    if not (path.exists() and pq.read_table(path).equals(table)):
+        pq.write_table(table, path)
     return variant(job, Path(job.spec.work_dir), dataset={"uri": str(path), "format": "parquet", "split": test})
 
 
@@ -151,17 +155,21 @@ def load_ranks(path: Path) -> Ranks:
     return Ranks(mixed=saved["mixed"], task=saved["task"], tasks=saved["tasks"], corpus=int(saved["corpus"]))
 
 
-def evaluate(model: str, job: B3Job, test_pairs, cache: Path) -> Ranks:
-    """Per-query ranks of one model on the test split (cached as .npz)."""
-    if cache.exists():
-        return load_ranks(cache)
+def evaluate(model: str, job: B3Job, test_pairs, cache: Path, trained: str | None = None) -> Ranks:
+    """Per-query ranks of one model on the test split, cached as .npz under a key: the train
+    stage's fingerprint of a `trained` model, else the model, its settings and the test split
+    (a cache found under another key, e.g. another learning rate in the same --work, is redone)."""
     t = job.spec.training
+    key = trained or fingerprint(model, t.pooling, t.max_length, job.spec.dataset.prompts, len(test_pairs),
+                                 job.spec.dataset.split)  # fmt: skip
+    if cache.exists() and str(np.load(cache).get("key", "")) == key:
+        return load_ranks(cache)
     # float32 on any device: fp16 rounding must not decide between arms
     encoder = TextEncoder(model, pooling=t.pooling, max_length=t.max_length, batch_size=256,
                           dtype="float32")  # fmt: skip
     ranks = rank_encoder(encoder, test_pairs, job.spec.dataset.prompts)
     cache.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(cache, mixed=ranks.mixed, task=ranks.task, tasks=ranks.tasks, corpus=ranks.corpus)
+    np.savez(cache, mixed=ranks.mixed, task=ranks.task, tasks=ranks.tasks, corpus=ranks.corpus, key=key)
     return ranks
 
 
@@ -495,7 +503,8 @@ def main() -> None:
             t0 = time.time()
             record = train_stage(job, env={})
             train_seconds = record.get("seconds", time.time() - t0)
-            ranks = evaluate(str(arm_work / "train" / "final" / "model"), job, test_pairs, arm_work / "eval.npz")
+            ranks = evaluate(str(arm_work / "train" / "final" / "model"), job, test_pairs, arm_work / "eval.npz",
+                             trained=record["fingerprint"])  # fmt: skip
             per_seed.setdefault((a["arm"], a["batch_size"]), []).append(ranks)
             metrics = headline(ranks)
             results["runs"].append({**a, "seed": seed, "steps": steps, "train_seconds": round(train_seconds, 1), **metrics})

@@ -3,6 +3,8 @@ evaluates on, and how it compares arms. The trainings themselves are the stages'
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from conftest import load_bench, write_manifest
@@ -31,6 +33,16 @@ def test_validation_never_sees_the_test_bucket(tmp_path, tiny_spec):
     table = pq.read_table(sources.uri)
     bucket = dict(zip(table.column("id").to_pylist(), split_bucket(table.column("source").to_pylist(), 4), strict=True))
     assert {bucket[i] for i in held.ids} == {1} and 1 not in {bucket[i] for i in train.ids}
+
+
+def test_a_rerun_on_the_same_rows_keeps_the_subset_file_and_so_the_mining(tmp_path, tiny_spec):
+    manifest = write_manifest(tmp_path, {**tiny_spec, "dataset": {**tiny_spec["dataset"], "split": {"key": "source", "buckets": 4}}})
+    first = experiment.subset(load_manifest(manifest), ["task0"], 4, True, tmp_path / "v")
+    mtime = Path(first.spec.dataset.uri).stat().st_mtime_ns
+    again = experiment.subset(load_manifest(manifest), ["task0"], 4, True, tmp_path / "v")
+    assert Path(again.spec.dataset.uri).stat().st_mtime_ns == mtime
+    other = experiment.subset(load_manifest(manifest), ["task1"], 4, True, tmp_path / "v")
+    assert set(load_pairs(other.spec.dataset, 1).tasks) == {"task1"}
 
 
 def test_subset_refuses_unknown_tasks(tmp_path, tiny_spec):
@@ -88,3 +100,25 @@ def test_baselines_from_an_earlier_run_must_share_its_test_queries(tmp_path):
         experiment.earlier_baselines(tmp_path, [0], [32], other)
     with pytest.raises(SystemExit, match="no evaluation at"):
         experiment.earlier_baselines(tmp_path, [0, 1], [32], earlier)
+
+
+def test_an_evaluation_is_reused_only_for_the_model_it_was_made_for(tmp_path, tiny_spec, monkeypatch):
+    """Two learning rates in one --work train two models into the same arm folder: the second
+    must be evaluated, not read from the first's cache (it was, and both reported one nDCG)."""
+    made = []
+
+    def rank_encoder(encoder, pairs, prompts):
+        made.append(encoder)
+        return Ranks(mixed=np.array([len(made)]), task=np.array([1]), tasks=np.array(["a"], dtype=object), corpus=1)
+
+    monkeypatch.setattr(experiment, "TextEncoder", lambda model, **kw: model)
+    monkeypatch.setattr(experiment, "rank_encoder", rank_encoder)
+    job = load_manifest(write_manifest(tmp_path, {**tiny_spec, "dataset": {**tiny_spec["dataset"], "split": {"key": "source"}}}))
+    cache = tmp_path / "arm" / "eval.npz"
+    assert experiment.evaluate("m", job, [1], cache, trained="lr-5e-5").mixed.tolist() == [1]
+    assert experiment.evaluate("m", job, [1], cache, trained="lr-5e-5").mixed.tolist() == [1]  # reused
+    assert experiment.evaluate("m", job, [1], cache, trained="lr-2e-4").mixed.tolist() == [2]
+    untrained = tmp_path / "untrained.npz"
+    assert experiment.evaluate("student-a", job, [1], untrained).mixed.tolist() == [3]
+    assert experiment.evaluate("student-a", job, [1], untrained).mixed.tolist() == [3]
+    assert experiment.evaluate("student-b", job, [1], untrained).mixed.tolist() == [4]
