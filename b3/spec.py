@@ -301,7 +301,7 @@ class TrainingSpec(_Model):
         "lora",
         description="Which weights train: lora (adapters on the student, the rest frozen; merged "
         "into the exported model) or full (every weight; for students that are not embedders "
-        "yet, e.g. a base model, with a lower learningRate such as 2e-5).",
+        "yet, e.g. a base model; choose learningRate on a validation split).",
     )
     lora: LoraSpec = Field(
         default_factory=LoraSpec, description="The LoRA adapters trained when finetuning is lora."
