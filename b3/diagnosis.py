@@ -32,8 +32,8 @@ import numpy as np
 import torch
 
 from b3.artifacts import Artifacts, read_embeddings, read_topk
-from b3.batches import B3BatchSampler, RandomBatchSampler
 from b3.spec import B3Job
+from b3.stages import epoch_batches
 
 KINDS = ("random", "random_same_task", "b3")
 # the readings' thresholds on E for same-task random batches, and the evidence behind them
@@ -130,21 +130,13 @@ def diagnose(job: B3Job, epoch: int = 0) -> dict:
             (rank >= skip[:, None]) & (rank < (skip + window)[:, None]), neighbors, -1
         ),
     }
-    cluster_group = clusters.column("group").to_numpy(zero_copy_only=False)
-    samplers = {
-        "random": RandomBatchSampler(rows, mining.batch_size, mix_tasks=True, seed=mining.seed),
-        "random_same_task": RandomBatchSampler(rows, mining.batch_size, group, seed=mining.seed),
-        "b3": B3BatchSampler(clusters.column("cluster").to_numpy(), mining.batch_size, cluster_group,
-                             mix_tasks=mining.mix_tasks, seed=mining.seed),
-    }  # fmt: skip
     group_size = np.bincount(group)[group]
     expected = {
         "random": expected_window_rows(mining.batch_size, window, np.full(rows, rows)),
         "random_same_task": expected_window_rows(mining.batch_size, window, group_size),
     }
     per_row: dict[str, dict[str, np.ndarray]] = {}
-    for kind, sampler in samplers.items():
-        batches = sampler.batches(epoch)
+    for kind, batches in epoch_batches(clusters, mining, epoch, KINDS).items():
         shares = negative_gradient_shares(batches, q_emb, p_emb, table.column("positive_group").to_numpy(),
                                           ranked, spec.training.temperature)  # fmt: skip
         per_row[kind] = {

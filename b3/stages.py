@@ -270,28 +270,29 @@ def _publish_partition_metrics(job: B3Job, work: WorkDir, clusters: pa.Table, st
         stage_metrics.HARDNESS.labels(name, kind).set(hardness["topk_negative"])
 
 
-def hardness_by_batches(
-    work: WorkDir, clusters: pa.Table, mining, top_k: int, epoch: int, kinds: tuple[str, ...]
-) -> dict[str, dict]:
-    """`batch_hardness` of one epoch's batches of each kind: b3 (mined), random_same_task,
-    random; with their count."""
-    q_emb, p_emb = read_embeddings(work)
+def epoch_batches(clusters: pa.Table, mining, epoch: int, kinds: tuple[str, ...]) -> dict[str, list]:
+    """One epoch's batches of each kind: b3 (mined communities), random_same_task (random
+    within each mining group), random (over the whole split); what the trainer would draw."""
     groups = clusters.column("group").to_numpy(zero_copy_only=False)
-    pos_group = clusters.column("positive_group").to_numpy()
     samplers = {
         "b3": lambda: B3BatchSampler(clusters.column("cluster").to_numpy(), mining.batch_size, groups,
                                      mix_tasks=mining.mix_tasks, seed=mining.seed),
         "random_same_task": lambda: RandomBatchSampler(len(groups), mining.batch_size, groups, seed=mining.seed),
         "random": lambda: RandomBatchSampler(len(groups), mining.batch_size, mix_tasks=True, seed=mining.seed),
     }  # fmt: skip
-    out = {}
-    for kind in kinds:
-        batches = samplers[kind]().batches(epoch)
-        out[kind] = {
-            "count": len(batches),
-            **batch_hardness(batches, q_emb, p_emb, pos_group, top_k),
-        }
-    return out
+    return {kind: samplers[kind]().batches(epoch) for kind in kinds}
+
+
+def hardness_by_batches(
+    work: WorkDir, clusters: pa.Table, mining, top_k: int, epoch: int, kinds: tuple[str, ...]
+) -> dict[str, dict]:
+    """`batch_hardness` of one epoch's batches of each kind (`epoch_batches`), with their count."""
+    q_emb, p_emb = read_embeddings(work)
+    pos_group = clusters.column("positive_group").to_numpy()
+    return {
+        kind: {"count": len(batches), **batch_hardness(batches, q_emb, p_emb, pos_group, top_k)}
+        for kind, batches in epoch_batches(clusters, mining, epoch, kinds).items()
+    }
 
 
 # --- inspect -----------------------------------------------------------------------------
