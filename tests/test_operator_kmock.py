@@ -267,3 +267,31 @@ async def test_suspend_and_resume_reach_the_running_stage_job(cluster):
     await set_suspend(False)
     await rank_suspended_is(False)
     await phase_is("job-4", "Ranking")
+
+
+async def test_replicas_without_a_priority_each_draw_their_own(kmock, tmp_path, monkeypatch):
+    """kopf freezes every operator that sees a peer of the same priority; the chart's replicas
+    share one pod template, so each draws its own at startup (an explicit --priority stays)."""
+    from b3_operator import handlers
+
+    config = tmp_path / "kubeconfig"
+    config.write_text(f"""
+apiVersion: v1
+kind: Config
+clusters: [{{name: kmock, cluster: {{server: "{kmock.url}"}}}}]
+users: [{{name: test, user: {{token: test}}}}]
+contexts: [{{name: kmock, context: {{cluster: kmock, user: test}}}}]
+current-context: kmock
+""")
+    monkeypatch.setenv("KUBECONFIG", str(config))
+    monkeypatch.delenv("B3_OPERATOR_METRICS_PORT", raising=False)
+    drawn = []
+    for _ in range(3):
+        settings = kopf.OperatorSettings()
+        handlers.configure(settings=settings)
+        drawn.append(settings.peering.priority)
+    assert len(set(drawn)) == 3 and all(1 <= p < 2**31 for p in drawn)
+    settings = kopf.OperatorSettings()
+    settings.peering.priority = 100  # kopf run --priority=100 sets it before startup handlers
+    handlers.configure(settings=settings)
+    assert settings.peering.priority == 100

@@ -14,6 +14,7 @@ import asyncio
 import json
 import logging
 import os
+import secrets
 import time
 from datetime import datetime, timezone
 from typing import Any
@@ -67,6 +68,11 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
         prefix=f"kopf.{API_GROUP}", key="last-handled-configuration"
     )
     settings.posting.level = logging.WARNING  # our own Events say what happened; kopf adds errors
+    # kopf freezes every operator that sees a peer of its own priority, and the chart's replicas
+    # share one pod template (so one --priority): each replica draws its own at startup, the
+    # highest acts and the others stand by until its peering record lapses
+    if settings.peering.priority == 0:
+        settings.peering.priority = standby_priority()
     try:
         kubernetes.config.load_incluster_config()
     except kubernetes.config.ConfigException:
@@ -74,6 +80,12 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     port = os.environ.get("B3_OPERATOR_METRICS_PORT")
     if port:
         metrics.serve(int(port))
+
+
+def standby_priority() -> int:
+    """A kopf peering priority of this process's own, in [1, 2**31): two replicas share one with
+    probability 2**-31."""
+    return secrets.randbelow(2**31 - 1) + 1
 
 
 def _api() -> kubernetes.client.ApiClient:
