@@ -178,6 +178,23 @@ def test_pods_run_as_non_root_unless_the_spec_says_otherwise():
     assert pod["automountServiceAccountToken"] is True
 
 
+def test_stage_containers_run_on_a_read_only_root_with_a_writable_tmp_of_their_own():
+    jobs = [c for c in every_child(MULTI_NODE) if c["kind"] == "Job"]
+    assert len(jobs) == 3  # rank, partition, train
+    for job in jobs:
+        pod = job["spec"]["template"]["spec"]
+        (container,) = pod["containers"]
+        assert container["securityContext"]["readOnlyRootFilesystem"] is True
+        assert {"name": "b3-tmp", "mountPath": "/tmp"} in container["volumeMounts"]
+        assert {"name": "b3-tmp", "emptyDir": {}} in pod["volumes"]
+    # a /tmp of the user's own replaces the emptyDir
+    own = {**BASE, "template": {"volumes": [{"name": "scratch", "emptyDir": {"sizeLimit": "50Gi"}}],
+                                "volumeMounts": [{"name": "scratch", "mountPath": "/tmp/"}]}}  # fmt: skip
+    pod = every_child(own)[1]["spec"]["template"]["spec"]
+    assert [m["mountPath"] for m in pod["containers"][0]["volumeMounts"]].count("/tmp/") == 1
+    assert all(v["name"] != "b3-tmp" for v in pod["volumes"])
+
+
 def test_a_suspended_job_creates_its_stage_suspended():
     (rank,) = children.stage_child(body(BASE), parse_spec(BASE), "rank", suspend=True)
     assert rank["spec"]["suspend"] is True

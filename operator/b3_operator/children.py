@@ -38,7 +38,10 @@ DEFAULT_POD_SECURITY = {
     "runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 1000, "fsGroup": 1000,
     "seccompProfile": {"type": "RuntimeDefault"},
 }  # fmt: skip
-CONTAINER_SECURITY = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
+# a read-only root: the worker image keeps its caches and temporary files under /tmp, an
+# emptyDir of the pod's own (pod_spec)
+CONTAINER_SECURITY = {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+                      "capabilities": {"drop": ["ALL"]}}  # fmt: skip
 GPU = "nvidia.com/gpu"  # rank: 1 per pod, train: training.processesPerNode per pod
 DEFAULT_PARTITION_RESOURCES = {"requests": {"cpu": "2", "memory": "8Gi"}, "limits": {"memory": "8Gi"}}
 
@@ -124,6 +127,9 @@ def pod_spec(
               {"name": "dshm", "mountPath": "/dev/shm"}, *copy.deepcopy(t.volume_mounts)]  # fmt: skip
     volumes = [{"name": "b3-spec", "configMap": {"name": child_name(job, "spec")}},
                {"name": "dshm", "emptyDir": {"medium": "Memory"}}, *copy.deepcopy(t.volumes)]  # fmt: skip
+    if not any(m["mountPath"].rstrip("/") == "/tmp" for m in mounts):  # a user's /tmp volume wins
+        mounts.append({"name": "b3-tmp", "mountPath": "/tmp"})
+        volumes.append({"name": "b3-tmp", "emptyDir": {}})
     container = {
         "name": CONTAINER,
         "image": t.image,
