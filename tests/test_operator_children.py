@@ -178,6 +178,15 @@ def test_pods_run_as_non_root_unless_the_spec_says_otherwise():
     assert pod["automountServiceAccountToken"] is True
 
 
+def test_the_ray_cluster_goes_when_ranking_ends_whatever_the_jobs_ttl():
+    """runPolicy.ttlSecondsAfterFinished is the B3Job's; in a RayJob the field is the delay
+    before KubeRay deletes the Ray cluster (and frees its GPUs)."""
+    spec = {**RAY, "runPolicy": {"ttlSecondsAfterFinished": 86400}}
+    (rayjob,) = children.stage_child(body(spec), parse_spec(spec), "rank")
+    assert rayjob["kind"] == "RayJob" and rayjob["spec"]["shutdownAfterJobFinishes"] is True
+    assert "ttlSecondsAfterFinished" not in rayjob["spec"]  # KubeRay's default: 0
+
+
 def test_stage_containers_run_on_a_read_only_root_with_a_writable_tmp_of_their_own():
     jobs = [c for c in every_child(MULTI_NODE) if c["kind"] == "Job"]
     assert len(jobs) == 3  # rank, partition, train

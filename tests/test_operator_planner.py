@@ -249,13 +249,36 @@ def test_job_state_carries_the_newest_failed_pods_termination_message():
     )
 
 
-@pytest.mark.parametrize("status, state", [
-    ({"jobDeploymentStatus": "Complete", "jobStatus": "SUCCEEDED"}, "Succeeded"),
-    ({"jobDeploymentStatus": "Failed", "jobStatus": "FAILED", "message": "boom"}, "Failed"),
-    ({"jobDeploymentStatus": "Running", "jobStatus": "RUNNING"}, "Running"),
-])  # fmt: skip
-def test_rayjob_state(status, state):
-    assert rayjob_state({"metadata": {"name": "r"}, "spec": {}, "status": status}).state == state
+# every (jobDeploymentStatus, jobStatus) pair, with the values of KubeRay v1.5.0's
+# ray-operator/apis/ray/v1/rayjob_types.go; the decision is on jobDeploymentStatus
+# (controllers/ray/rayjob_controller.go: Complete/Failed are terminal, a Failed RayJob with
+# retries left is set to Retrying in the same reconcile, ValidationFailed is never left)
+KUBERAY_JOB_STATUSES = ["", "PENDING", "RUNNING", "STOPPED", "SUCCEEDED", "FAILED"]
+KUBERAY_DEPLOYMENT_STATUSES = {
+    "": "Running", "Initializing": "Running", "Running": "Running", "Complete": None, "Failed": "Failed",
+    "ValidationFailed": "Failed", "Suspending": "Running", "Suspended": "Running", "Retrying": "Running",
+    "Waiting": "Running",
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("deployment", list(KUBERAY_DEPLOYMENT_STATUSES))
+@pytest.mark.parametrize("job_status", KUBERAY_JOB_STATUSES)
+def test_rayjob_state_follows_kuberays_deployment_status(deployment, job_status):
+    expected = KUBERAY_DEPLOYMENT_STATUSES[deployment] or ("Succeeded" if job_status == "SUCCEEDED" else "Failed")
+    rayjob = {"metadata": {"name": "r"}, "spec": {}, "status": {"jobDeploymentStatus": deployment, "jobStatus": job_status}}
+    assert rayjob_state(rayjob).state == expected
+    suspended = {**rayjob, "spec": {"suspend": True}}
+    assert rayjob_state(suspended).state == (expected if expected != "Running" else "Suspended")
+
+
+def test_a_retrying_rayjob_is_running_and_its_final_failure_keeps_kuberays_reason():
+    retrying = {"jobDeploymentStatus": "Retrying", "jobStatus": "FAILED", "reason": "AppFailed", "failed": 1}
+    assert rayjob_state({"metadata": {"name": "r"}, "spec": {"backoffLimit": 2}, "status": retrying}).state == "Running"
+    failed = {"jobDeploymentStatus": "Failed", "jobStatus": "FAILED", "reason": "AppFailed", "message": "boom", "failed": 3}
+    state = rayjob_state({"metadata": {"name": "r"}, "spec": {"backoffLimit": 2}, "status": failed})
+    assert (state.state, state.reason, state.message) == ("Failed", "AppFailed", "boom")
+    stopped = rayjob_state({"metadata": {"name": "r"}, "spec": {}, "status": {"jobDeploymentStatus": "Complete", "jobStatus": "STOPPED"}})
+    assert (stopped.state, stopped.reason) == ("Failed", "STOPPED")
 
 
 def pod(name="job-1-rank-x", waiting=None, unschedulable_since=None) -> dict:

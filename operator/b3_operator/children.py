@@ -177,11 +177,14 @@ def _merged(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
 
 
 def _with_run_policy(child: dict[str, Any], spec: B3JobSpec, stage: str) -> dict[str, Any]:
-    """Suspension, Kueue queue label, stage deadline and (RayJob) TTL: a Job and a RayJob name
-    these fields alike. A child made suspended for the B3Job is marked as the operator's (only
+    """Suspension, Kueue queue label and stage deadline: a Job and a RayJob name these fields
+    alike. A child made suspended for the B3Job is marked as the operator's (only
     those does it resume); one with a queue starts suspended and unmarked, for Kueue to admit.
     A stage Job gets its TTL only when the whole B3Job is over (planner.expire_children):
-    deleted mid-job, a finished stage would look never run."""
+    deleted mid-job, a finished stage would look never run. A RayJob gets none: its
+    ttlSecondsAfterFinished is the delay before KubeRay deletes the Ray cluster, whose GPUs
+    should go back when ranking ends (KubeRay's default, 0); the RayJob itself goes with the
+    B3Job (ownerReferences)."""
     if child["spec"]["suspend"]:
         child["metadata"]["annotations"] = {**child["metadata"].get("annotations", {}), SUSPENDED_ANNOTATION: "true"}
     if spec.run_policy.queue_name:
@@ -190,8 +193,6 @@ def _with_run_policy(child: dict[str, Any], spec: B3JobSpec, stage: str) -> dict
     deadline = getattr(spec.stages, stage).active_deadline_seconds
     if deadline is not None:
         child["spec"]["activeDeadlineSeconds"] = deadline
-    if spec.run_policy.ttl_seconds_after_finished is not None and child["kind"] == "RayJob":
-        child["spec"]["ttlSecondsAfterFinished"] = spec.run_policy.ttl_seconds_after_finished
     return child
 
 

@@ -216,6 +216,11 @@ def job_state(
     return ChildState("Job", name, "Running", problem=problem, started=started, **marks)
 
 
+# KubeRay's final jobDeploymentStatus values (IsJobDeploymentTerminal, and a RayJob its
+# validation refused); Complete is a success only with jobStatus SUCCEEDED (STOPPED is not)
+RAYJOB_FINAL = ("Complete", "Failed", "ValidationFailed")
+
+
 def rayjob_state(rayjob: dict[str, Any], workload: dict[str, Any] | None = None,
                  pods: list[dict[str, Any]] = (), now: str | None = None) -> ChildState:
     """Summarise a KubeRay RayJob from its jobDeploymentStatus and jobStatus, and (when
@@ -227,9 +232,12 @@ def rayjob_state(rayjob: dict[str, Any], workload: dict[str, Any] | None = None,
         marks.update(kueue_admission(workload))
     status = rayjob.get("status") or {}
     deployment, job_status = status.get("jobDeploymentStatus", ""), status.get("jobStatus", "")
+    # KubeRay (v1.5.0) decides on jobDeploymentStatus: Complete/Failed/ValidationFailed are final,
+    # jobStatus alone is not (FAILED while Running waits for the submitter; Retrying keeps the
+    # last try's FAILED until its Ray cluster is gone and a new one starts)
     if deployment == "Complete" and job_status == "SUCCEEDED":
         return ChildState("RayJob", name, "Succeeded", completion_time=status.get("endTime"), **marks)
-    if deployment in ("Failed", "Complete") or job_status in ("FAILED", "STOPPED"):
+    if deployment in RAYJOB_FINAL:
         return ChildState("RayJob", name, "Failed", status.get("reason") or job_status or deployment,
                           status.get("message", ""), **marks)  # fmt: skip
     spec = rayjob.get("spec") or {}
