@@ -269,6 +269,38 @@ async def test_suspend_and_resume_reach_the_running_stage_job(cluster):
     await phase_is("job-4", "Ranking")
 
 
+@pytest.mark.kmock(cls=ApiServer)
+async def test_kuberays_status_changes_reach_the_job_at_once(cluster):
+    """A rank RayJob is watched like a stage Job: KubeRay retrying it keeps the job ranking,
+    its completion starts partition well before the 60 s resync would."""
+    await call(custom().create_namespaced_custom_object, "b3.dev", "v1alpha1", NS, "b3jobs",
+               b3job("job-5", rank={"workers": 2, "gpusPerWorker": 1}))  # fmt: skip
+
+    async def rayjob():
+        try:
+            return await call(custom().get_namespaced_custom_object, "ray.io", "v1", NS, "rayjobs", "job-5-rank")
+        except kubernetes.client.exceptions.ApiException as err:
+            if err.status == 404:
+                return None
+            raise
+
+    created = await until(rayjob)
+    assert "ttlSecondsAfterFinished" not in created["spec"]
+    await phase_is("job-5", "Ranking")
+
+    async def set_status(deployment: str, job_status: str):
+        await call(custom().patch_namespaced_custom_object_status, "ray.io", "v1", NS, "rayjobs", "job-5-rank",
+                   {"status": {"jobDeploymentStatus": deployment, "jobStatus": job_status}})  # fmt: skip
+
+    await set_status("Retrying", "FAILED")  # KubeRay retrying: not a failure of the B3Job
+    await asyncio.sleep(2)
+    assert (await get_job("job-5"))["status"]["phase"] == "Ranking"
+    started = asyncio.get_running_loop().time()
+    await set_status("Complete", "SUCCEEDED")
+    await child_job("partition", "job-5")
+    assert asyncio.get_running_loop().time() - started < 15  # the watch, not the resync
+
+
 async def test_replicas_without_a_priority_each_draw_their_own(kmock, tmp_path, monkeypatch):
     """kopf freezes every operator that sees a peer of the same priority; the chart's replicas
     share one pod template, so each draws its own at startup (an explicit --priority stays)."""

@@ -390,6 +390,17 @@ def on_child_job(body: kopf.Body, type: str | None, **_: Any) -> None:
     _retrigger(meta["namespace"], meta.get("ownerReferences") or [], f"{meta['name']}={state.state}")
 
 
+@kopf.on.event(RAY_GROUP, RAY_VERSION, RAY_PLURAL, labels={children.JOB_LABEL: kopf.PRESENT})
+def on_child_rayjob(body: kopf.Body, type: str | None, **_: Any) -> None:
+    """A rank RayJob changed (KubeRay moved its jobDeploymentStatus or jobStatus): re-trigger
+    its B3Job as for a stage Job. (kopf serves this only where KubeRay's CRD exists.)"""
+    if type is None:
+        return
+    meta, status = body["metadata"], body.get("status") or {}
+    token = f"{meta['name']}={status.get('jobDeploymentStatus', '')}/{status.get('jobStatus', '')}"
+    _retrigger(meta["namespace"], meta.get("ownerReferences") or [], token)
+
+
 def _retrigger(namespace: str, owners: list, token: str) -> None:
     """Record a child's state on its B3Job (from the child's ownerReferences), which makes kopf
     reconcile the job."""
@@ -408,22 +419,33 @@ def _retrigger(namespace: str, owners: list, token: str) -> None:
 
 @kopf.on.event(KUEUE_GROUP, KUEUE_VERSION, KUEUE_PLURAL)
 def on_workload(body: kopf.Body, type: str | None, **_: Any) -> None:
-    """Kueue's Workload of a stage Job changed (made, pending for a new reason, admitted,
-    evicted): re-trigger the B3Job as for the Job itself. (kopf serves this only where Kueue's
+    """Kueue's Workload of a stage Job or rank RayJob changed (made, pending for a new reason,
+    admitted, evicted): re-trigger the B3Job as for the child itself. (kopf serves this only where Kueue's
     CRD exists.)"""
     if type is None:
         return
     meta = body["metadata"]
-    owner = next((r for r in meta.get("ownerReferences") or [] if r.get("kind") == "Job"), None)
+    owner = next((r for r in meta.get("ownerReferences") or [] if r.get("kind") in ("Job", "RayJob")), None)
     if owner is None:
         return
-    jobs = kubernetes.client.BatchV1Api().list_namespaced_job(
-        meta["namespace"], field_selector=f"metadata.name={owner['name']}",
-        label_selector=children.JOB_LABEL)  # fmt: skip
+    if owner["kind"] == "Job":
+        jobs = kubernetes.client.BatchV1Api().list_namespaced_job(
+            meta["namespace"], field_selector=f"metadata.name={owner['name']}",
+            label_selector=children.JOB_LABEL)  # fmt: skip
+        stage_children = [_as_dict(j) for j in jobs.items]
+    else:
+        try:
+            stage_children = [kubernetes.client.CustomObjectsApi().get_namespaced_custom_object(
+                RAY_GROUP, RAY_VERSION, meta["namespace"], RAY_PLURAL, owner["name"])]  # fmt: skip
+        except ApiException as err:
+            if err.status != 404:
+                raise
+            stage_children = []
     newest = next((f"{c['type']}={c['status']}/{c.get('reason', '')}" for c in
                    reversed((body.get("status") or {}).get("conditions") or [])), "new")  # fmt: skip
-    for job in (_as_dict(j) for j in jobs.items):
-        _retrigger(meta["namespace"], job["metadata"].get("ownerReferences") or [], f"{meta['name']}={newest}")
+    for child in stage_children:
+        if children.JOB_LABEL in (child["metadata"].get("labels") or {}):
+            _retrigger(meta["namespace"], child["metadata"].get("ownerReferences") or [], f"{meta['name']}={newest}")
 
 
 @kopf.on.delete(API_GROUP, API_VERSION, PLURAL, optional=True)

@@ -16,7 +16,8 @@ RULES = [
     # get: whether a train Service whose creation met 409 is ours (made just before a restart)
     {"apiGroups": [""], "resources": ["services"], "verbs": ["get", "create"]},
     {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["list", "watch", "create", "patch"]},
-    {"apiGroups": ["ray.io"], "resources": ["rayjobs"], "verbs": ["get", "create", "patch"]},
+    # rank RayJobs: watched like stage Jobs (KubeRay's status changes arrive at once)
+    {"apiGroups": ["ray.io"], "resources": ["rayjobs"], "verbs": ["get", "list", "watch", "create", "patch"]},
     # a queued child's Kueue Workload: why it waits; spec.active to suspend and resume it
     {"apiGroups": ["kueue.x-k8s.io"], "resources": ["workloads"], "verbs": ["list", "watch", "patch"]},
     # the failing pod's termination message

@@ -43,7 +43,7 @@ app.kubernetes.io/component: operator
   verbs: [list, watch, create, patch]
 - apiGroups: [ray.io]
   resources: [rayjobs]
-  verbs: [get, create, patch]
+  verbs: [get, list, watch, create, patch]
 - apiGroups: [kueue.x-k8s.io]
   resources: [workloads]
   verbs: [list, watch, patch]
