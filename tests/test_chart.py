@@ -174,5 +174,18 @@ def test_versions_agree_across_chart_project_and_worker_image():
     project = tomllib.loads((CHART.parents[1] / "pyproject.toml").read_text())["project"]
     assert chart["appVersion"] == project["version"]
     assert PodTemplateSpec().image.endswith(f":{chart['appVersion']}")
-    pins = (CHART.parents[1] / "images" / "operator-requirements.txt").read_text()
-    assert all("==" in line for line in pins.splitlines() if line and not line.startswith("#"))
+
+
+def test_both_images_install_every_package_at_the_version_ci_tests():
+    """The images take their versions from constraints.txt, which the build context admits;
+    what the built images hold is checked on the real node (test_real_node.py)."""
+    repo = CHART.parents[1]
+    pinned = {line.split("==")[0].lower().replace("_", "-") for line in (repo / "constraints.txt").read_text().splitlines()
+              if "==" in line and not line.startswith("#")}  # fmt: skip
+    wanted = [line.strip() for line in (repo / "images" / "operator-requirements.txt").read_text().splitlines()
+              if line.strip() and not line.startswith("#")]  # fmt: skip
+    assert wanted and all(name.lower() in pinned for name in wanted)
+    assert "!constraints.txt" in (repo / ".dockerignore").read_text().splitlines()
+    for dockerfile in ("operator.Dockerfile", "worker.Dockerfile"):
+        installs = [line for line in (repo / "images" / dockerfile).read_text().splitlines() if "pip install" in line]
+        assert installs and all("-c " in line or "--no-deps" in line for line in installs), dockerfile

@@ -1,11 +1,17 @@
 #!/usr/bin/env bash
 # Build what the cluster tests run, from Go modules, with this machine's Go:
 #   b3-testcluster   etcd, kube-apiserver, kube-controller-manager, kube-scheduler (go.mod here)
+#   b3-kubelet       the kubelet of the real node (the same module and replace lines)
+#   coredns          the real node's cluster DNS (github.com/coredns/coredns at COREDNS_VERSION)
 #   helm             the real Helm CLI (helm.sh/helm/v4/cmd/helm at HELM_VERSION)
+#   prometheus       Prometheus PROMETHEUS_RELEASE (its module's v0 version), which scrapes the
+#                    real node's pods found through kubernetes_sd_configs (Debian's prometheus
+#                    is built without the Kubernetes service discovery)
 #   kueue            Kueue's manager (sigs.k8s.io/kueue/cmd/kueue at KUEUE_VERSION), with its
 #                    CRDs and webhook configurations in kueue-config/ (from the same module)
 #   s3-server        moto's S3 server mode in a venv of its own (s3-server-requirements.txt),
 #                    the object store of the transient-fault tests
+#   images/          the operator, worker and pause images (build_images.sh)
 # into $B3_TESTCLUSTER_BIN_DIR (default ~/.cache/b3-testcluster/bin). Each binary is kept
 # with the hash of what made it: a warm machine rebuilds nothing.
 set -euo pipefail
@@ -13,6 +19,9 @@ here="$(cd "$(dirname "$0")" && pwd)"
 bin="${B3_TESTCLUSTER_BIN_DIR:-$HOME/.cache/b3-testcluster/bin}"
 HELM_VERSION=v4.3.1
 KUEUE_VERSION=v0.17.0
+COREDNS_VERSION=v1.15.0
+PROMETHEUS_VERSION=v0.316.0 PROMETHEUS_RELEASE=3.16.0  # the module's v0.316.0 is release 3.16.0
+version=k8s.io/component-base/version  # what `kubectl version` and clients see
 mkdir -p "$bin"
 export GOFLAGS="${GOFLAGS:--buildvcs=false}"
 
@@ -23,14 +32,32 @@ built() { echo "$2" > "$bin/$1.stamp"; echo "build: $1 in $(( $(date +%s) - $3 )
 
 want=$(cd "$here" && { go version; stamp build.sh go.mod go.sum cmd/b3-testcluster/main.go; } | stamp)
 if stale b3-testcluster "$want"; then
-  echo "build: b3-testcluster (cold: about 15 minutes on 2 cores)" >&2
+  echo "build: b3-testcluster (cold: about 7 minutes on 2 cores)" >&2
   started=$(date +%s)
-  version=k8s.io/component-base/version  # what `kubectl version` and clients see
   (cd "$here" && go build -trimpath -o "$bin/b3-testcluster.new" \
     -ldflags="-s -w -X $version.gitVersion=v1.37.2 -X $version.gitMajor=1 -X $version.gitMinor=37" \
     ./cmd/b3-testcluster)
   mv "$bin/b3-testcluster.new" "$bin/b3-testcluster"
   built b3-testcluster "$want" "$started"
+fi
+
+want=$(cd "$here" && { go version; stamp build.sh go.mod go.sum cmd/b3-kubelet/main.go; } | stamp)
+if stale b3-kubelet "$want"; then
+  echo "build: b3-kubelet (cold: under 2 minutes after b3-testcluster)" >&2
+  started=$(date +%s)
+  (cd "$here" && go build -trimpath -o "$bin/b3-kubelet.new" \
+    -ldflags="-s -w -X $version.gitVersion=v1.37.2 -X $version.gitMajor=1 -X $version.gitMinor=37" \
+    ./cmd/b3-kubelet)
+  mv "$bin/b3-kubelet.new" "$bin/b3-kubelet"
+  built b3-kubelet "$want" "$started"
+fi
+
+want=$( { go version; echo "$COREDNS_VERSION"; } | stamp)
+if stale coredns "$want"; then
+  echo "build: coredns $COREDNS_VERSION (cold: about 2 minutes)" >&2
+  started=$(date +%s)
+  GOBIN="$bin" go install -trimpath -ldflags="-s -w" "github.com/coredns/coredns@$COREDNS_VERSION"
+  built coredns "$want" "$started"
 fi
 
 want=$( { go version; echo "$HELM_VERSION"; } | stamp)
@@ -42,9 +69,19 @@ if stale helm "$want"; then
   built helm "$want" "$started"
 fi
 
+want=$( { go version; echo "$PROMETHEUS_VERSION"; } | stamp)
+if stale prometheus "$want"; then
+  echo "build: prometheus $PROMETHEUS_RELEASE (cold: about 3 minutes on 2 cores)" >&2
+  started=$(date +%s)
+  GOBIN="$bin" go install -trimpath \
+    -ldflags="-s -w -X github.com/prometheus/common/version.Version=$PROMETHEUS_RELEASE" \
+    "github.com/prometheus/prometheus/cmd/prometheus@$PROMETHEUS_VERSION"
+  built prometheus "$want" "$started"
+fi
+
 want=$( { go version; echo "$KUEUE_VERSION"; } | stamp)
 if stale kueue "$want"; then
-  echo "build: kueue $KUEUE_VERSION (cold: about 4 minutes on 2 cores)" >&2
+  echo "build: kueue $KUEUE_VERSION (cold: about 3 minutes on 2 cores)" >&2
   started=$(date +%s)
   GOBIN="$bin" go install -trimpath -ldflags="-s -w" "sigs.k8s.io/kueue/cmd/kueue@$KUEUE_VERSION"
   module="$(go env GOMODCACHE)/sigs.k8s.io/kueue@$KUEUE_VERSION/config/components"
@@ -64,4 +101,12 @@ if stale s3-server "$want"; then
   ln -sf s3-server-venv/bin/moto_server "$bin/s3-server"
   built s3-server "$want" "$started"
 fi
+# the real node's images, and what it runs them with (Debian packages)
+packages="containerd runc containernetworking-plugins buildah debootstrap iptables"
+if ! dpkg -s $packages >/dev/null 2>&1; then
+  sudo_cmd=$([ "$(id -u)" = 0 ] && echo "" || echo "sudo")
+  $sudo_cmd apt-get install -y -q $packages >/dev/null 2>&1 || {
+    $sudo_cmd apt-get update -q >/dev/null && $sudo_cmd apt-get install -y -q $packages >/dev/null; }
+fi
+B3_TESTCLUSTER_BIN_DIR="$bin" bash "$here/build_images.sh" >/dev/null
 echo "$bin"
