@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -147,6 +148,16 @@ def _require_built(*names: str) -> None:
     missing = [str(binaries()[name]) for name in names if not binaries()[name].exists()]
     if missing:
         message = f"missing {', '.join(missing)}: run tests/cluster/build.sh"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+
+
+def require_program(name: str, package: str) -> None:
+    """Skip without the program `name` (from the Debian package `package`), except in CI, where
+    `.ci/run` installs it and a missing one is a failure."""
+    if shutil.which(name) is None:
+        message = f"needs {name} (Debian package {package})"
         if os.environ.get("CI"):
             pytest.fail(message)
         pytest.skip(message)

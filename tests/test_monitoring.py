@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import write_manifest
+from conftest import require_program, write_manifest
 from prometheus_client import CollectorRegistry
 
 from b3 import stage_metrics
@@ -146,8 +146,8 @@ def prom_query(port: int, expr: str) -> dict:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(shutil.which("prometheus") is None, reason="needs prometheus (Debian package)")
 def test_prometheus_scraping_a_training_run_answers_every_query(tmp_path, tiny_spec, monkeypatch):
+    require_program("prometheus", "prometheus")
     from b3.cli import main, stage_main
 
     # the operator's metrics, as a running operator would have them
@@ -212,10 +212,10 @@ def test_prometheus_scraping_a_training_run_answers_every_query(tmp_path, tiny_s
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(shutil.which("prometheus") is None, reason="needs prometheus (Debian package)")
 def test_a_nan_loss_fires_the_alert_in_a_real_prometheus_after_the_trainer_exited(tmp_path, tiny_spec):
     """The trainer stops at a NaN loss; it keeps its endpoint up for one last scrape, and the
     chart's own rule, evaluated by Prometheus, still fires once the series went stale."""
+    require_program("prometheus", "prometheus")
     from b3.cli import main
 
     spec = {**tiny_spec, "training": {**tiny_spec["training"], "steps": 50, "checkpointEvery": 100,

@@ -41,6 +41,8 @@ CONTROLLERS = [
     "node-lifecycle-controller",  # takes the not-ready taint off the node double once it is Ready
 ]  # fmt: skip
 SERVICE_CIDR = "10.0.0.0/24"
+SERVICE_IP = "10.0.0.1"  # the `kubernetes` Service: the first address of SERVICE_CIDR
+NODE_IP = "10.244.0.1"  # a real node's bridge address (real_node.py)
 
 
 def free_port() -> int:
@@ -53,7 +55,10 @@ def binaries() -> dict[str, Path]:
     """Where build.sh put the binaries (B3_TESTCLUSTER_BIN_DIR, else its default cache)."""
     folder = Path(os.environ.get("B3_TESTCLUSTER_BIN_DIR", Path.home() / ".cache" / "b3-testcluster" / "bin"))
     return {"b3-testcluster": folder / "b3-testcluster", "helm": folder / "helm", "kueue": folder / "kueue",
-            "kueue-config": folder / "kueue-config", "s3-server": folder / "s3-server"}  # fmt: skip
+            "kueue-config": folder / "kueue-config", "s3-server": folder / "s3-server",
+            "b3-kubelet": folder / "b3-kubelet", "coredns": folder / "coredns", "images": folder / "images",
+            "prometheus": folder / "prometheus",
+            "containerd": folder.parent / "containerd"}  # fmt: skip
 
 
 def _write_certificates(folder: Path) -> None:
@@ -81,7 +86,7 @@ def _write_certificates(folder: Path) -> None:
           .sign(ca_key, hashes.SHA256()))  # fmt: skip
     names = [x509.DNSName(n) for n in ("localhost", "kubernetes", "kubernetes.default",
                                         "kubernetes.default.svc", "kubernetes.default.svc.cluster.local")]
-    ips = [x509.IPAddress(ipaddress.ip_address(a)) for a in ("127.0.0.1", "10.0.0.1")]
+    ips = [x509.IPAddress(ipaddress.ip_address(a)) for a in ("127.0.0.1", SERVICE_IP, NODE_IP)]
     server = (x509.CertificateBuilder()
               .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kube-apiserver")]))
               .issuer_name(ca_name).public_key(server_key.public_key()).serial_number(x509.random_serial_number())
@@ -111,9 +116,14 @@ def write_kubeconfig(path: Path, server: str, ca: Path, token: str, namespace: s
 class ControlPlane:
     """Start with `start()`, stop with `stop()` (every process it started, in reverse)."""
 
-    def __init__(self, root: Path, node_name: str = "b3-node-0"):
+    def __init__(self, root: Path, node_name: str = "b3-node-0", node: str = "double"):
+        """node: "double" starts the node double; "real": the caller starts a RealNode
+        (tests/cluster/real_node.py), so the apiserver also listens on the node's bridge
+        address, where pods reach it through the Service IP, and dials kubelets by InternalIP."""
         self.root = Path(root)
         self.node_name = node_name
+        self.node_kind = node
+        self.service_ip = SERVICE_IP
         self.bin = binaries()["b3-testcluster"]
         self.processes: list[tuple[str, subprocess.Popen]] = []
         self.port = free_port()
@@ -155,7 +165,9 @@ class ControlPlane:
         self._component(
             "kube-apiserver",
             f"--etcd-servers=http://127.0.0.1:{etcd_port}",
-            "--bind-address=127.0.0.1", "--advertise-address=127.0.0.1", f"--secure-port={self.port}",
+            "--bind-address=" + ("0.0.0.0" if self.node_kind == "real" else "127.0.0.1"),
+            "--advertise-address=127.0.0.1", f"--secure-port={self.port}",
+            "--kubelet-preferred-address-types=InternalIP",
             f"--tls-cert-file={certs / 'apiserver.crt'}", f"--tls-private-key-file={certs / 'apiserver.key'}",
             f"--client-ca-file={certs / 'ca.crt'}", f"--token-auth-file={certs / 'tokens.csv'}",
             "--authorization-mode=RBAC", "--allow-privileged=true",
@@ -177,7 +189,8 @@ class ControlPlane:
         )  # fmt: skip
         self._component("kube-scheduler", f"--kubeconfig={self.kubeconfig}", "--leader-elect=false",
                         "--bind-address=127.0.0.1", f"--secure-port={free_port()}", "--v=1")  # fmt: skip
-        self.start_node()
+        if self.node_kind == "double":
+            self.start_node()
         self.started_seconds = time.time() - started
         return self
 
