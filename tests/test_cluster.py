@@ -58,11 +58,17 @@ def operator(cluster):
 
 @pytest.fixture(scope="module")
 def data_volume(cluster, tmp_path_factory, tiny_model_dir):
+    return quickstart_volume(cluster, tmp_path_factory.mktemp("pv"), tiny_model_dir)
+
+
+def quickstart_volume(cluster, root: Path, model_dir: str, owner: str | None = None) -> Path:
     """A hostPath PersistentVolume bound to PVC `b3-data` in namespace `e2e` (the real
-    persistentvolume-binder binds it): the 2,000 quickstart rows and the tiny model at /data."""
-    root = tmp_path_factory.mktemp("pv")
+    persistentvolume-binder binds it): the 2,000 quickstart rows and the tiny model at /data,
+    owned by `owner` ("uid:gid") if given."""
     shutil.copy(ROOT / "examples" / "data" / "debian-2k.parquet", root / "debian-2k.parquet")
-    shutil.copytree(tiny_model_dir, root / "model")
+    shutil.copytree(model_dir, root / "model")
+    if owner:
+        subprocess.run(["chown", "-R", owner, str(root)], check=True)
     cluster.kubectl("create", "namespace", "e2e")
     cluster.kubectl("apply", "-f", "-", stdin=yaml.safe_dump_all([
         {"apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": "b3-data"},

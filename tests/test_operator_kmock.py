@@ -60,6 +60,21 @@ class ApiServer(kmock.KubernetesEmulator):
         return await super()._handle(request)
 
 
+def use_kubeconfig(kmock, folder, monkeypatch):
+    """A kubeconfig for kmock (namespace NS), as $KUBECONFIG."""
+    config = folder / "kubeconfig"
+    config.write_text(f"""
+apiVersion: v1
+kind: Config
+clusters: [{{name: kmock, cluster: {{server: "{kmock.url}"}}}}]
+users: [{{name: test, user: {{token: test}}}}]
+contexts: [{{name: kmock, context: {{cluster: kmock, user: test, namespace: {NS}}}}}]
+current-context: kmock
+""")
+    monkeypatch.setenv("KUBECONFIG", str(config))
+    return config
+
+
 @pytest_asyncio.fixture
 async def cluster(kmock, tmp_path, monkeypatch):
     """kmock serving the resources the operator uses, a kubeconfig for it, and the operator."""
@@ -77,16 +92,7 @@ async def cluster(kmock, tmp_path, monkeypatch):
         "ray.io/v1/rayjobs": kmock_info("RayJob", subresources={"status"}),
     }.items():
         kmock.resources[name] = info
-    config = tmp_path / "kubeconfig"
-    config.write_text(f"""
-apiVersion: v1
-kind: Config
-clusters: [{{name: kmock, cluster: {{server: "{kmock.url}"}}}}]
-users: [{{name: test, user: {{token: test}}}}]
-contexts: [{{name: kmock, context: {{cluster: kmock, user: test, namespace: {NS}}}}}]
-current-context: kmock
-""")
-    monkeypatch.setenv("KUBECONFIG", str(config))
+    config = use_kubeconfig(kmock, tmp_path, monkeypatch)
     kubernetes.config.load_kube_config(config_file=str(config))
 
     import b3_operator.handlers  # noqa: F401  registers the handlers
@@ -306,16 +312,7 @@ async def test_replicas_without_a_priority_each_draw_their_own(kmock, tmp_path, 
     share one pod template, so each draws its own at startup (an explicit --priority stays)."""
     from b3_operator import handlers
 
-    config = tmp_path / "kubeconfig"
-    config.write_text(f"""
-apiVersion: v1
-kind: Config
-clusters: [{{name: kmock, cluster: {{server: "{kmock.url}"}}}}]
-users: [{{name: test, user: {{token: test}}}}]
-contexts: [{{name: kmock, context: {{cluster: kmock, user: test}}}}]
-current-context: kmock
-""")
-    monkeypatch.setenv("KUBECONFIG", str(config))
+    use_kubeconfig(kmock, tmp_path, monkeypatch)
     monkeypatch.delenv("B3_OPERATOR_METRICS_PORT", raising=False)
     drawn = []
     for _ in range(3):

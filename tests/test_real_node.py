@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import subprocess
 import urllib.parse
 import urllib.request
@@ -22,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_cluster import CHART, OPERATOR_NS, b3job, get, wait_for
+from test_cluster import CHART, OPERATOR_NS, b3job, get, quickstart_volume, wait_for
 
 pytestmark = pytest.mark.cluster
 
@@ -96,23 +95,8 @@ def operator(cluster):
 
 @pytest.fixture(scope="module")
 def data_volume(cluster, tmp_path_factory, tiny_model_dir):
-    """A hostPath PersistentVolume bound to PVC b3-data in namespace e2e, owned by the pods'
-    uid 1000: the quickstart rows and the tiny model at /data."""
-    root = tmp_path_factory.mktemp("pv")
-    shutil.copy(ROOT / "examples" / "data" / "debian-2k.parquet", root / "debian-2k.parquet")
-    shutil.copytree(tiny_model_dir, root / "model")
-    subprocess.run(["chown", "-R", "1000:1000", str(root)], check=True)
-    cluster.kubectl("create", "namespace", "e2e")
-    cluster.kubectl("apply", "-f", "-", stdin=yaml.safe_dump_all([
-        {"apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": "b3-data"},
-         "spec": {"capacity": {"storage": "1Gi"}, "accessModes": ["ReadWriteMany"], "storageClassName": "",
-                  "hostPath": {"path": str(root)}, "claimRef": {"namespace": "e2e", "name": "b3-data"}}},
-        {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": "b3-data", "namespace": "e2e"},
-         "spec": {"accessModes": ["ReadWriteMany"], "storageClassName": "", "volumeName": "b3-data",
-                  "resources": {"requests": {"storage": "1Gi"}}}},
-    ]))  # fmt: skip
-    wait_for("PVC b3-data bound", lambda: get(cluster, "pvc", "-n", "e2e", "b3-data")["status"].get("phase") == "Bound")
-    return root
+    """The quickstart's PVC b3-data in namespace e2e, owned by the pods' uid 1000."""
+    return quickstart_volume(cluster, tmp_path_factory.mktemp("pv"), tiny_model_dir, owner="1000:1000")
 
 
 def real_job(name: str, **overrides) -> dict:
@@ -254,7 +238,7 @@ def test_an_evicted_training_pod_checkpoints_the_step_in_flight_and_the_next_gan
     the next gang, not counted as a restart, resumes from exactly that step."""
     import kubernetes
 
-    steps = 4000  # the tiny model runs ~40 steps/s here: about 100 s of training
+    steps = 1500  # the tiny model runs ~40 steps/s here: about 40 s of training
     operator.kubectl("apply", "-f", "-", stdin=yaml.safe_dump(
         real_job("evict", **{"training.steps": steps, "training.checkpointEvery": 10 * steps})))  # fmt: skip
     root = data_volume / "evict"
@@ -339,9 +323,11 @@ def query(port: int, expr: str) -> list[dict]:
         return json.loads(answer.read())["data"]["result"]
 
 
-def targets(port: int, job: str) -> list[dict]:
+def targets(port: int, scrape_pool: str) -> list[dict]:
+    """The active targets of one scrape config (by its job_name: the relabelings rewrite the
+    `job` label to the Prometheus Operator's)."""
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v1/targets", timeout=5) as answer:
-        return [t for t in json.loads(answer.read())["data"]["activeTargets"] if t["labels"]["job"] == job]
+        return [t for t in json.loads(answer.read())["data"]["activeTargets"] if t["scrapePool"] == scrape_pool]
 
 
 def series_labels(port: int, metric: str) -> list[set[str]]:
@@ -388,7 +374,7 @@ def test_prometheus_scrapes_a_training_pod_over_its_ip_and_the_nan_alert_fires(o
     try:
         wait_for("Prometheus ready", lambda: prometheus_ready(port) or prom.poll() is not None, 60, 0.5)
         assert prom.poll() is None, (tmp_path / "prometheus.log").read_text()[-3000:]
-        doc = real_job("nan", **{"training.steps": 4000, "training.checkpointEvery": 10000})
+        doc = real_job("nan", **{"training.steps": 4000, "training.checkpointEvery": 10000, "training.maxRestarts": 0})
         doc["spec"]["template"]["env"] = [e for e in doc["spec"]["template"]["env"] if e["name"] != "B3_METRICS_LINGER_SECONDS"]
         doc["spec"]["template"]["env"] += [{"name": "B3_NAN_LOSS_AT_STEP", "value": "400"},
                                            {"name": "B3_METRICS_LINGER_SECONDS", "value": "8"}]  # fmt: skip

@@ -118,8 +118,8 @@ class ControlPlane:
 
     def __init__(self, root: Path, node_name: str = "b3-node-0", node: str = "double"):
         """node: "double" starts the node double; "real": the caller starts a RealNode
-        (tests/cluster/real_node.py), so the apiserver also listens on the node's bridge
-        address, where pods reach it through the Service IP, and dials kubelets by InternalIP."""
+        (tests/cluster/real_node.py), so the apiserver listens on the node's bridge address
+        instead of 127.0.0.1 (pods reach it there through the Service IP)."""
         self.root = Path(root)
         self.node_name = node_name
         self.node_kind = node
@@ -127,7 +127,10 @@ class ControlPlane:
         self.bin = binaries()["b3-testcluster"]
         self.processes: list[tuple[str, subprocess.Popen]] = []
         self.port = free_port()
-        self.server = f"https://127.0.0.1:{self.port}"
+        # a real node's pods reach the apiserver on the bridge (its address exists before the
+        # plane starts: RealNode.make_bridge); nothing listens beyond this machine
+        self.address = NODE_IP if node == "real" else "127.0.0.1"
+        self.server = f"https://{self.address}:{self.port}"
         self.kubeconfig = self.root / "admin.kubeconfig"
         self.logs = self.root / "logs"
         self.audit_log = self.root / "audit.log"
@@ -165,7 +168,7 @@ class ControlPlane:
         self._component(
             "kube-apiserver",
             f"--etcd-servers=http://127.0.0.1:{etcd_port}",
-            "--bind-address=" + ("0.0.0.0" if self.node_kind == "real" else "127.0.0.1"),
+            f"--bind-address={self.address}",
             "--advertise-address=127.0.0.1", f"--secure-port={self.port}",
             "--kubelet-preferred-address-types=InternalIP",
             f"--tls-cert-file={certs / 'apiserver.crt'}", f"--tls-private-key-file={certs / 'apiserver.key'}",
@@ -315,17 +318,32 @@ class ControlPlane:
         folders = sorted((self.root / "node" / "pods").glob(f"{namespace}_{name_prefix}*"))
         return "".join(f.read_text(errors="replace") for d in folders for f in sorted(d.glob("*.log")))
 
+    def stop_making_pods(self) -> None:
+        """Stop the controllers and the scheduler (Kueue too): no pod is made or placed any more,
+        so a node can stop what runs on it without the Job controller replacing it."""
+        for name, proc in self.processes:
+            if name in ("kube-controller-manager", "kube-scheduler", "kueue"):
+                stop_group(proc)
+
     def stop(self) -> None:
         for _, proc in reversed(self.processes):
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGTERM)
         for _, proc in reversed(self.processes):
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+            stop_group(proc)
         self.processes.clear()
+
+
+def stop_group(proc: subprocess.Popen, grace: float = 20) -> None:
+    """SIGTERM to the process group of `proc` (one of ours, started in a session of its own),
+    SIGKILL after `grace` seconds."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
 
 def main() -> None:

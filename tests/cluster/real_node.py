@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 
 import yaml
-from control_plane import NODE_IP, free_port
+from control_plane import NODE_IP, free_port, stop_group
 
 BRIDGE = "b3-cni0"
 POD_CIDR = "10.244.0.0/24"
@@ -349,6 +349,7 @@ disabled_plugins = ["io.containerd.internal.v1.opt", "io.containerd.snapshotter.
     def stop(self) -> None:
         """Every pod's containers gone through the kubelet, then the node's processes, then what
         they left on the machine (restore())."""
+        self.plane.stop_making_pods()  # else a running B3Job's Jobs replace what is deleted here
         try:
             self.plane.kubectl("delete", "pods", "--all", "--all-namespaces", "--grace-period=0", "--force",
                                "--wait=false", check=False)  # fmt: skip
@@ -360,13 +361,7 @@ disabled_plugins = ["io.containerd.internal.v1.opt", "io.containerd.snapshotter.
         for name, proc in reversed(self.processes):
             if name == "containerd":
                 self._remove_leftover_containers()
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-                try:
-                    proc.wait(timeout=20)
-                except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait()
+            stop_group(proc)
         self.processes.clear()
         self._kill_shims()
 
