@@ -25,7 +25,7 @@ stale() { [ "$(cat "$out/$1.stamp" 2>/dev/null)" != "$2" ] || [ ! -s "$out/$1.ta
 built() { echo "$2" > "$out/$1.stamp"; echo "build: image $1 in $(( $(date +%s) - $3 ))s" >&2; }
 # export NAME IMAGE: the image as a docker-archive for ctr; buildah's copy is dropped
 export_image() {
-  rm -f "$out/$1.tar.new"
+  rm -f "$out/$1.tar" "$out/$1.tar.new"  # the old archive first: the worker's is 6.4 GB
   buildah push -q "$2" "docker-archive:$out/$1.tar.new:$2" >/dev/null
   mv "$out/$1.tar.new" "$out/$1.tar"
 }
@@ -68,10 +68,12 @@ for name in operator worker; do
     image="ghcr.io/b3-operator/$name:$version"
     (cd "$repo" && buildah bud --isolation chroot --network host --layers --pull-never \
       --build-arg "BASE=$BASE_IMAGE" -f "images/$name.Dockerfile" -t "$image" . >"$work/$name.log" 2>&1) || {
-      tail -40 "$work/$name.log" >&2; exit 1; }
+      tail -40 "$work/$name.log" >&2; buildah rm --all >/dev/null; exit 1; }  # a failed step's container
     export_image "$name" "$image"
     # the image stays in buildah's storage: removing it would drop the cached layers (--layers)
-    # that let the next build after a code change skip the dependencies' layer
+    # that let the next build after a code change skip the dependencies' layer; the image it
+    # replaced goes (the worker is 6.4 GB: a few rebuilds would fill the disk)
+    buildah rmi --prune >/dev/null
     built "$name" "$want" "$started"
   fi
 done
