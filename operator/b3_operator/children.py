@@ -44,6 +44,9 @@ CONTAINER_SECURITY = {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem
                       "capabilities": {"drop": ["ALL"]}}  # fmt: skip
 GPU = "nvidia.com/gpu"  # rank: 1 per pod, train: training.processesPerNode per pod
 DEFAULT_PARTITION_RESOURCES = {"requests": {"cpu": "2", "memory": "8Gi"}, "limits": {"memory": "8Gi"}}
+DEFAULT_RAY_HEAD_RESOURCES = {"requests": {"cpu": "2", "memory": "8Gi"}}
+RAY_HEAD_PORTS = ({"name": "gcs-server", "containerPort": 6379}, {"name": "dashboard", "containerPort": 8265},
+                  {"name": "client", "containerPort": 10001})  # KubeRay's names and Ray's defaults  # fmt: skip
 
 
 def child_name(job: str, stage: str) -> str:
@@ -103,7 +106,11 @@ def _resources(spec: B3JobSpec, stage: str) -> dict[str, Any]:
         if not any(GPU in (resources.get(kind) or {}) for kind in ("requests", "limits")):
             gpus = spec.training.processes_per_node if stage == "train" else 1
             resources["limits"] = {GPU: gpus, **(resources.get("limits") or {})}
-    # quantities as strings ("8", "600Gi"): YAML gives ints, and clients want Quantity strings
+    return _quantity_strings(resources)
+
+
+def _quantity_strings(resources: dict[str, Any]) -> dict[str, Any]:
+    """Quantities as strings ("8", "600Gi"): YAML gives ints, and clients want Quantity strings."""
     return {
         kind: {name: str(q) for name, q in amounts.items()} if isinstance(amounts, dict) else amounts
         for kind, amounts in resources.items()
@@ -291,7 +298,12 @@ def rank_rayjob(body: dict[str, Any], spec: B3JobSpec, suspend: bool = False) ->
         return {"metadata": {"labels": labels(job, "rank")}, "spec": pod}
 
     head = group_pod()
-    head["spec"]["containers"][0]["resources"] = {"requests": {"cpu": "2", "memory": "8Gi"}}
+    # KubeRay's head Service takes its ports from the head container, and its own defaults only
+    # when the container names none: Ray's ports beside the driver's metrics (KubeRay submits
+    # the entrypoint to the dashboard port, the workers join at gcs-server)
+    head["spec"]["containers"][0]["ports"][:0] = [dict(port) for port in RAY_HEAD_PORTS]
+    head_resources = spec.stages.rank.head_resources or DEFAULT_RAY_HEAD_RESOURCES
+    head["spec"]["containers"][0]["resources"] = _quantity_strings(copy.deepcopy(head_resources))
     worker = group_pod()
     del worker["spec"]["containers"][0]["ports"]  # the driver serves metrics, on the head
     rayjob: dict[str, Any] = {
@@ -305,7 +317,8 @@ def rank_rayjob(body: dict[str, Any], spec: B3JobSpec, suspend: bool = False) ->
             "suspend": suspend,
             "backoffLimit": _backoff_limit(spec.stages.rank),
             "rayClusterSpec": {
-                "headGroupSpec": {"rayStartParams": {}, "template": head},
+                # num-cpus 0: Ray schedules no task on the head, whose pod is sized for the driver
+                "headGroupSpec": {"rayStartParams": {"num-cpus": "0"}, "template": head},
                 "workerGroupSpecs": [{
                     "groupName": "rank", "replicas": spec.rank.workers, "minReplicas": spec.rank.workers,
                     "maxReplicas": spec.rank.workers, "rayStartParams": {}, "template": worker,

@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -54,6 +55,7 @@ class ChildState:
     workload: str = ""  # its Kueue Workload, once Kueue made one
     workload_active: bool = True  # Workload spec.active: false while we hold it suspended
     admission: tuple[str, str] | None = None  # Kueue's (reason, message) while not admitted
+    live: bool = False  # failed, but its controller would try again (a retrying RayJob): stop it
 
 
 @dataclass
@@ -219,6 +221,19 @@ def job_state(
 # KubeRay's final jobDeploymentStatus values (IsJobDeploymentTerminal, and a RayJob its
 # validation refused); Complete is a success only with jobStatus SUCCEEDED (STOPPED is not)
 RAYJOB_FINAL = ("Complete", "Failed", "ValidationFailed")
+# how Ray's job supervisor reports a driver that exited non-zero (KubeRay copies it to
+# status.message), followed by the tail of the driver's log
+RAY_DRIVER_EXIT = re.compile(r"Job entrypoint command failed with exit code (\d+)")
+
+
+def ray_driver_failure(message: str) -> tuple[int, str] | None:
+    """(exit code, the driver's last log line) from a failed RayJob's message, else None.
+    The stage program's last line is its error (`rank: ...`)."""
+    found = RAY_DRIVER_EXIT.search(message)
+    if found is None:
+        return None
+    lines = [line.strip() for line in message[found.end():].splitlines()[1:] if line.strip()]
+    return int(found.group(1)), lines[-1] if lines else ""
 
 
 def rayjob_state(rayjob: dict[str, Any], workload: dict[str, Any] | None = None,
@@ -232,6 +247,12 @@ def rayjob_state(rayjob: dict[str, Any], workload: dict[str, Any] | None = None,
         marks.update(kueue_admission(workload))
     status = rayjob.get("status") or {}
     deployment, job_status = status.get("jobDeploymentStatus", ""), status.get("jobStatus", "")
+    driver = ray_driver_failure(status.get("message", "")) if job_status == "FAILED" else None
+    if driver is not None and driver[0] == children.EXIT_BAD_INPUT:
+        # bad input fails every try the same way: the stage fails now, and KubeRay's retries
+        # (a new Ray cluster each) are stopped while it would still make them
+        return ChildState("RayJob", name, "Failed", "BadInput", driver[1], completion_time=status.get("endTime"),
+                          exit_codes=(driver[0],), live=deployment not in RAYJOB_FINAL, **marks)  # fmt: skip
     # KubeRay (v1.5.0) decides on jobDeploymentStatus: Complete/Failed/ValidationFailed are final,
     # jobStatus alone is not (FAILED while Running waits for the submitter; Retrying keeps the
     # last try's FAILED until its Ray cluster is gone and a new one starts)
@@ -527,6 +548,8 @@ def plan(body: dict[str, Any], observed: Observed, now: str) -> Plan:
             )
             if child.restarts:
                 message += f" [after {child.restarts} restarts]"
+            if child.live:  # KubeRay frees a suspended RayJob's Ray cluster and makes no new one
+                actions.append(Action("suspend", child.kind, child.name))
             return fail(f"{STAGE_PHASE[stage]}Failed", "StageFailed", message)
         for action, reason, message in suspension(stage, child, spec.suspend, status):
             actions.append(action)

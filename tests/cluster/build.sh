@@ -21,6 +21,7 @@ HELM_VERSION=v4.3.1
 KUEUE_VERSION=v0.17.0
 COREDNS_VERSION=v1.15.0
 PROMETHEUS_VERSION=v0.316.0 PROMETHEUS_RELEASE=3.16.0  # the module's v0.316.0 is release 3.16.0
+KUBERAY_VERSION=v1.5.0
 version=k8s.io/component-base/version  # what `kubectl version` and clients see
 mkdir -p "$bin"
 export GOFLAGS="${GOFLAGS:--buildvcs=false}"
@@ -82,6 +83,17 @@ if stale kueue "$want"; then
   cp "$module/webhook/manifests.yaml" "$bin/kueue-config/webhooks.yaml.in"  # not applied as is
   chmod -R u+w "$bin/kueue-config"
   built kueue "$want" "$started"
+fi
+want=$( { go version; echo "$KUBERAY_VERSION"; } | stamp)
+if stale ray-operator "$want"; then
+  echo "build: kuberay $KUBERAY_VERSION (cold: about 2.5 minutes on 2 cores)" >&2
+  started=$(date +%s)
+  GOBIN="$bin" go install -trimpath -ldflags="-s -w" "github.com/ray-project/kuberay/ray-operator@$KUBERAY_VERSION"
+  rm -rf "$bin/kuberay-crds" && mkdir -p "$bin/kuberay-crds"
+  cp "$(go env GOMODCACHE)/github.com/ray-project/kuberay/ray-operator@$KUBERAY_VERSION"/config/crd/bases/*.yaml \
+    "$bin/kuberay-crds/"
+  chmod -R u+w "$bin/kuberay-crds"
+  built ray-operator "$want" "$started"
 fi
 want=$( { python3 --version; stamp "$here/s3-server-requirements.txt"; } | stamp)
 if stale s3-server "$want"; then

@@ -57,7 +57,8 @@ def binaries() -> dict[str, Path]:
     return {"b3-testcluster": folder / "b3-testcluster", "helm": folder / "helm", "kueue": folder / "kueue",
             "kueue-config": folder / "kueue-config", "s3-server": folder / "s3-server",
             "b3-kubelet": folder / "b3-kubelet", "coredns": folder / "coredns", "images": folder / "images",
-            "prometheus": folder / "prometheus",
+            "prometheus": folder / "prometheus", "ray-operator": folder / "ray-operator",
+            "kuberay-crds": folder / "kuberay-crds",
             "containerd": folder.parent / "containerd"}  # fmt: skip
 
 
@@ -260,6 +261,20 @@ class ControlPlane:
                 time.sleep(0.5)
         self.kubectl("apply", "-f", "-", stdin=yaml.safe_dump_all(configurations))
 
+    def start_kuberay(self) -> None:
+        """KubeRay's operator (built from github.com/ray-project/kuberay/ray-operator by
+        build.sh) with the CRDs of the same module. It runs on the host, which cannot resolve
+        cluster DNS names: -use-kubernetes-proxy has it reach each Ray head's dashboard through
+        the API server's service proxy instead."""
+        crds = binaries()["kuberay-crds"]
+        self.kubectl("apply", "--server-side", "-f", str(crds))  # too large for client-side apply
+        self.kubectl("wait", "--for=condition=Established", "--timeout=60s", "-f", str(crds))
+        self._spawn("ray-operator", [str(binaries()["ray-operator"]), "-use-kubernetes-proxy",
+                                     "-enable-leader-election=false", "-log-stdout-encoder=console",
+                                     f"-metrics-addr=127.0.0.1:{free_port()}",
+                                     f"-health-probe-bind-address=127.0.0.1:{free_port()}"],
+                    env={"KUBECONFIG": str(self.kubeconfig)})  # fmt: skip
+
     def wait_ready(self, timeout: float) -> None:
         context = ssl.create_default_context(cafile=str(self.root / "pki" / "ca.crt"))
         request = urllib.request.Request(f"{self.server}/readyz",
@@ -319,10 +334,10 @@ class ControlPlane:
         return "".join(f.read_text(errors="replace") for d in folders for f in sorted(d.glob("*.log")))
 
     def stop_making_pods(self) -> None:
-        """Stop the controllers and the scheduler (Kueue too): no pod is made or placed any more,
-        so a node can stop what runs on it without the Job controller replacing it."""
+        """Stop the controllers and the scheduler (Kueue's and KubeRay's too): no pod is made or
+        placed any more, so a node can stop what runs on it without a controller replacing it."""
         for name, proc in self.processes:
-            if name in ("kube-controller-manager", "kube-scheduler", "kueue"):
+            if name in ("kube-controller-manager", "kube-scheduler", "kueue", "ray-operator"):
                 stop_group(proc)
 
     def stop(self) -> None:
