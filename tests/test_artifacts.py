@@ -57,6 +57,7 @@ CHANGES = {
        for f, v in (("resources", {"limits": {"cpu": "1"}}), ("backoffLimit", 5),
                     ("activeDeadlineSeconds", 60), ("startupDeadlineSeconds", 30))
        if (s, f) != ("train", "backoffLimit")},  # train restarts its gang: training.maxRestarts
+    "stages.rank.headResources": {"requests": {"cpu": "1"}},  # the Ray head's pod
     "training.maxRestarts": 7,
     "runPolicy.ttlSecondsAfterFinished": 10, "runPolicy.queueName": "q",
     "runPolicy.schedulerName": "volcano",
@@ -96,7 +97,7 @@ def _get(tree: dict, path: str):
 
 
 def _leaves(tree: dict, prefix: str = "") -> set[str]:
-    free_form = {"byTask", "nodeSelector", "affinity", "resources"}  # maps as one value
+    free_form = {"byTask", "nodeSelector", "affinity", "resources", "headResources"}  # maps as one value
     out = set()
     for key, value in tree.items():
         if isinstance(value, dict) and value and key not in free_form:
