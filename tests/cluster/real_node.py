@@ -272,10 +272,13 @@ class RealNode:
                 continue
             started = time.time()
             # the image it replaces goes first, with its content (the worker is 6.4 GB twice:
-            # layers and snapshot), instead of whenever containerd's garbage collection runs
+            # layers and snapshot): every record of it, the kubelet's by image ID too
             with tarfile.open(archive) as tar:
                 refs = [ref for entry in json.load(tar.extractfile("manifest.json")) for ref in entry["RepoTags"]]
-            self.ctr("images", "rm", "--sync", *refs, check=False)
+            listing = [row.split() for row in self.ctr("images", "ls").stdout.splitlines()[1:]]  # REF TYPE DIGEST ...
+            replaced = {row[2] for row in listing if row[0] in refs}
+            if stale := [row[0] for row in listing if row[2] in replaced]:
+                self.ctr("images", "rm", "--sync", *stale)
             self.ctr("images", "import", str(archive))
             (marks / archive.stem).write_text(stamp)
             print(f"real node: imported {archive.name} in {time.time() - started:.0f}s")
