@@ -130,6 +130,25 @@ def exec_in(cluster, namespace: str, pod: str, *command: str) -> subprocess.Comp
     return cluster.kubectl("exec", "-n", namespace, pod, "--", *command, check=False)
 
 
+def test_an_import_removes_the_image_it_replaces_and_the_kubelets_orphaned_records():
+    """From a real node's `ctr images ls` after three worker rebuilds: importing the worker
+    removes its tag and the kubelet's by-ID record of it, and the by-ID records of the earlier
+    workers no tag names; the operator and pause images stay."""
+    from real_node import replaced_image_records
+
+    media = "application/vnd.docker.distribution.manifest.v2+json"
+    rows = [("ghcr.io/b3-operator/operator:0.1.0", "b3ac"), ("ghcr.io/b3-operator/worker:0.1.0", "7497"),
+            ("registry.k8s.io/pause:3.10.1", "dbe7"), ("sha256:100c", "1fa5"), ("sha256:1e59", "a952"),
+            ("sha256:4717", "7497"), ("sha256:6233", "b3ac"), ("sha256:ecc1", "dbe7")]  # fmt: skip
+    listing = "REF TYPE DIGEST SIZE PLATFORMS LABELS\n" + "".join(
+        f"{ref} {media} sha256:{digest} 6.1 GiB linux/amd64 io.cri-containerd.image=managed\n" for ref, digest in rows)
+    assert replaced_image_records(listing, ["ghcr.io/b3-operator/worker:0.1.0"]) == [
+        "ghcr.io/b3-operator/worker:0.1.0", "sha256:100c", "sha256:1e59", "sha256:4717"]  # fmt: skip
+    assert replaced_image_records(listing, ["registry.k8s.io/pause:3.10.1"]) == [
+        "registry.k8s.io/pause:3.10.1", "sha256:100c", "sha256:1e59", "sha256:ecc1"]  # fmt: skip
+    assert replaced_image_records("REF TYPE DIGEST SIZE PLATFORMS LABELS\n", ["x:1"]) == []
+
+
 # --- the operator from its image, through helm --------------------------------------------------
 
 

@@ -272,13 +272,11 @@ class RealNode:
                 continue
             started = time.time()
             # the image it replaces goes first, with its content (the worker is 6.4 GB twice:
-            # layers and snapshot): every record of it, the kubelet's by image ID too
+            # layers and snapshot), instead of staying pinned by the kubelet's record of it
             with tarfile.open(archive) as tar:
                 refs = [ref for entry in json.load(tar.extractfile("manifest.json")) for ref in entry["RepoTags"]]
-            listing = [row.split() for row in self.ctr("images", "ls").stdout.splitlines()[1:]]  # REF TYPE DIGEST ...
-            replaced = {row[2] for row in listing if row[0] in refs}
-            if stale := [row[0] for row in listing if row[2] in replaced]:
-                self.ctr("images", "rm", "--sync", *stale)
+            if stale := replaced_image_records(self.ctr("images", "ls").stdout, refs):
+                self.ctr("images", "rm", "--sync", *stale, check=False)  # else only disk is lost
             self.ctr("images", "import", str(archive))
             (marks / archive.stem).write_text(stamp)
             print(f"real node: imported {archive.name} in {time.time() - started:.0f}s")
@@ -395,6 +393,18 @@ disabled_plugins = ["io.containerd.internal.v1.opt", "io.containerd.snapshotter.
                 continue
             if cmdline and cmdline[0].endswith(b"containerd-shim-runc-v2") and str(self.socket).encode() in cmdline:
                 os.kill(int(proc.name), signal.SIGKILL)
+
+
+def replaced_image_records(listing: str, refs: list[str]) -> list[str]:
+    """The containerd image records (`ctr images ls` output) to remove before importing an
+    archive tagged `refs`: those tags, and the records the kubelet keeps by image ID
+    (`sha256:...`, same target digest) of what they tag now or of images no tag names any more
+    (left by earlier imports: they pin 13 GB per worker version)."""
+    rows = [row.split() for row in listing.splitlines()[1:] if row.strip()]  # REF TYPE DIGEST ...
+    replaced = {row[2] for row in rows if row[0] in refs}
+    tagged = {row[2] for row in rows if not row[0].startswith("sha256:")} - replaced
+    return [row[0] for row in rows
+            if row[2] in replaced or (row[0].startswith("sha256:") and row[2] not in tagged)]  # fmt: skip
 
 
 def _wait(what: str, check, timeout: float, processes) -> None:
