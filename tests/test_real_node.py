@@ -290,6 +290,23 @@ def test_an_evicted_training_pod_checkpoints_the_step_in_flight_and_the_next_gan
 
 # --- ranking on Ray through the real KubeRay ----------------------------------------------------
 
+# two Ray workers and a head sized for this 2-core node, on the CPU
+RAY_RANK = {"rank.workers": 2,
+            "stages.rank.resources": {"requests": {"cpu": "250m", "memory": "1Gi"}, "limits": {"memory": "3Gi", "nvidia.com/gpu": 0}},
+            "stages.rank.headResources": {"requests": {"cpu": "250m", "memory": "1Gi"}}}  # fmt: skip
+
+
+def ray_pods_created(cluster, rayjob: str) -> list[str]:
+    """KubeRay's Created*Pod events of the Ray clusters of one RayJob, sorted."""
+    events = get(cluster, "events", "-n", "e2e", "--field-selector", "involvedObject.kind=RayCluster")["items"]
+    return sorted(e["reason"] for e in events if e["reason"] in ("CreatedHeadPod", "CreatedWorkerPod")
+                  and e["involvedObject"]["name"].startswith(f"{rayjob}-"))  # fmt: skip
+
+
+def wait_ray_cluster_gone(cluster) -> None:
+    wait_for("the Ray cluster and its pods deleted", lambda: not get(cluster, "rayclusters", "-n", "e2e")["items"]
+             and not get(cluster, "pods", "-n", "e2e", "-l", "ray.io/cluster")["items"], 120)  # fmt: skip
+
 
 def test_a_rank_stage_on_two_ray_workers_runs_through_kuberay_and_ranks_as_one_pod_does(
     operator, data_volume, tmp_path
@@ -304,19 +321,12 @@ def test_a_rank_stage_on_two_ray_workers_runs_through_kuberay_and_ranks_as_one_p
     from b3.cli import main
     from b3.storage import WorkDir
 
-    ray_pod = {"requests": {"cpu": "250m", "memory": "1Gi"}, "limits": {"memory": "3Gi", "nvidia.com/gpu": 0}}
-    final = run_to_end(operator, "ray-rank", **{"rank.workers": 2, "stages.rank.resources": ray_pod,
-                                                "stages.rank.headResources": {"requests": {"cpu": "250m", "memory": "1Gi"}}})  # fmt: skip
+    final = run_to_end(operator, "ray-rank", **RAY_RANK)
     assert final["phase"] == "Succeeded", (final, logs(operator, "ray-rank")[-3000:])
     rayjob = get(operator, "rayjob", "-n", "e2e", "ray-rank-rank")["status"]
     assert (rayjob["jobDeploymentStatus"], rayjob["jobStatus"]) == ("Complete", "SUCCEEDED"), rayjob
-    created = [e["reason"] for e in get(operator, "events", "-n", "e2e", "--field-selector",
-                                        "involvedObject.kind=RayCluster")["items"]]  # fmt: skip
-    assert sorted(r for r in created if r.startswith("Created") and r.endswith("Pod")) == [
-        "CreatedHeadPod", "CreatedWorkerPod", "CreatedWorkerPod"], created  # fmt: skip
-    # the Ray cluster (and its pods) went when ranking ended: no idle GPUs held
-    wait_for("the Ray cluster deleted", lambda: not get(operator, "rayclusters", "-n", "e2e")["items"]
-             and not get(operator, "pods", "-n", "e2e", "-l", "ray.io/cluster")["items"], 120)  # fmt: skip
+    assert ray_pods_created(operator, "ray-rank-rank") == ["CreatedHeadPod", "CreatedWorkerPod", "CreatedWorkerPod"]
+    wait_ray_cluster_gone(operator)  # when ranking ended: no idle GPUs held
     # the one-pod rank of the same spec, in this process, on the volume's rows and model
     spec = json.loads(json.dumps(real_job("ray-rank")["spec"]).replace('"/data/', f'"{data_volume}/'))
     spec["workDir"] = str(tmp_path / "one-pod")
@@ -332,20 +342,14 @@ def test_bad_input_in_the_ray_driver_fails_the_stage_at_once_without_kuberays_re
     """A column the rows lack passes the API server (it cannot read the data) but the driver's
     check before compute exits 2: the B3Job fails naming the column, and the RayJob, which
     KubeRay would retry on a new Ray cluster twice (backoffLimit 2), is stopped after one try."""
-    ray_pod = {"requests": {"cpu": "250m", "memory": "1Gi"}, "limits": {"memory": "3Gi", "nvidia.com/gpu": 0}}
-    final = run_to_end(operator, "ray-bad", **{"rank.workers": 2, "stages.rank.resources": ray_pod,
-                                               "stages.rank.headResources": {"requests": {"cpu": "250m", "memory": "1Gi"}},
-                                               "dataset.columns.query": "no_such_column"})  # fmt: skip
+    final = run_to_end(operator, "ray-bad", **RAY_RANK, **{"dataset.columns.query": "no_such_column"})
     assert final["phase"] == "Failed" and "no_such_column" in final["message"], final
     failed = next(c for c in final["conditions"] if c["type"] == "Failed")
     assert failed["reason"] == "RankingFailed" and "(BadInput)" in failed["message"], failed
     rayjob = get(operator, "rayjob", "-n", "e2e", "ray-bad-rank")
     assert rayjob["spec"]["backoffLimit"] == 2 and rayjob["spec"]["suspend"] is True
-    wait_for("the failed RayJob's Ray cluster deleted", lambda: not get(operator, "rayclusters", "-n", "e2e")["items"]
-             and not get(operator, "pods", "-n", "e2e", "-l", "ray.io/cluster")["items"], 120)  # fmt: skip
-    heads = [e for e in get(operator, "events", "-n", "e2e", "--field-selector", "involvedObject.kind=RayCluster")["items"]
-             if e["reason"] == "CreatedHeadPod" and e["involvedObject"]["name"].startswith("ray-bad-rank")]  # fmt: skip
-    assert len(heads) == 1, heads  # one Ray cluster: no retry
+    wait_ray_cluster_gone(operator)
+    assert ray_pods_created(operator, "ray-bad-rank").count("CreatedHeadPod") == 1  # one Ray cluster: no retry
 
 
 # --- monitoring from real pods -------------------------------------------------------------------
