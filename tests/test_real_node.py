@@ -19,8 +19,10 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 import yaml
+from conftest import SHARED
 from test_cluster import CHART, OPERATOR_NS, b3job, get, quickstart_volume, wait_for
 
 pytestmark = pytest.mark.cluster
@@ -351,6 +353,90 @@ def test_bad_input_in_the_ray_driver_fails_the_stage_at_once_without_kuberays_re
     wait_ray_cluster_gone(operator)
     assert ray_pods_created(operator, "ray-bad-rank").count("CreatedHeadPod") == 1  # one Ray cluster: no retry
 
+
+
+@pytest.fixture(scope="module")
+def kueue(operator, data_volume):
+    """Kueue with its Job and RayJob integrations (after KubeRay's CRDs), and a ClusterQueue
+    `ray` of 1 CPU: less than a rank RayJob of RAY_RANK asks for (head, two workers and
+    KubeRay's submitter: 1.25 CPUs)."""
+    operator.start_kueue(frameworks=("batch/job", "ray.io/rayjob"))
+    operator.kubectl("apply", "-f", "-", stdin=yaml.safe_dump_all([
+        {"apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "ResourceFlavor", "metadata": {"name": "default"}},
+        {"apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "ClusterQueue", "metadata": {"name": "ray"},
+         "spec": {"namespaceSelector": {}, "resourceGroups": [{
+             "coveredResources": ["cpu", "memory", "nvidia.com/gpu"],
+             "flavors": [{"name": "default", "resources": [{"name": "cpu", "nominalQuota": "1"},
+                                                            {"name": "memory", "nominalQuota": "16Gi"},
+                                                            {"name": "nvidia.com/gpu", "nominalQuota": GPUS}]}]}]}},
+        {"apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "LocalQueue", "metadata": {"name": "ray-queue", "namespace": "e2e"},
+         "spec": {"clusterQueue": "ray"}},
+    ]))  # fmt: skip
+    return operator
+
+
+def ray_task_pod(cluster) -> str | None:
+    """A running Ray worker pod with a ranking task in it: Ray titles a worker process after
+    the task it runs (ray::shard embeds texts, ray::_rank_unit ranks a unit)."""
+    for pod in get(cluster, "pods", "-n", "e2e", "-l", "ray.io/node-type=worker")["items"]:
+        name = pod["metadata"]["name"]
+        if pod["status"].get("phase") == "Running" and not pod["metadata"].get("deletionTimestamp"):
+            processes = exec_in(cluster, "e2e", name, "sh", "-c", "cat /proc/[0-9]*/cmdline").stdout
+            if "ray::shard" in processes or "ray::_rank_unit" in processes:
+                return name
+    return None
+
+
+def test_kueue_admits_a_queued_rank_rayjob_and_a_ray_worker_killed_mid_rank_does_not_fail_it(
+    kueue, data_volume
+):
+    """The RayJob of a queued B3Job waits suspended, with no Ray pods, while its quota does
+    not fit (the B3Job Queued with Kueue's reason); once the ClusterQueue grows Kueue admits
+    it and KubeRay starts it. A Ray worker pod deleted while a ranking task runs in it (the
+    kubelet stops it; KubeRay replaces it) costs Ray a task retry, not the stage: the rank of
+    27k rows completes with every row ranked, and partition and train follow."""
+    from b3.storage import WorkDir
+
+    rows = pq.read_table(SHARED / "datasets" / "debian-descriptions.parquet").slice(0, 30_000)
+    pq.write_table(rows, data_volume / "debian-30k.parquet")
+    subprocess.run(["chown", "1000:1000", str(data_volume / "debian-30k.parquet")], check=True)
+    job = real_job("ray-queued", **RAY_RANK, **{"runPolicy.queueName": "ray-queue",
+                                                "dataset.uri": "/data/debian-30k.parquet"})  # fmt: skip
+    kueue.kubectl("apply", "-f", "-", stdin=yaml.safe_dump(job))
+
+    def b3job_status() -> dict:
+        return get(kueue, "b3job", "-n", "e2e", "ray-queued").get("status", {})
+
+    def queued() -> dict:
+        return {c["type"]: c for c in b3job_status().get("conditions", [])}.get("Queued", {})
+
+    held = wait_for("Queued by Kueue", lambda: queued().get("reason") == "Pending" and queued(), 90,
+                    show=lambda: str(b3job_status()))  # fmt: skip
+    assert "insufficient quota for cpu" in held["message"] and b3job_status()["phase"] == "Queued", held
+    assert get(kueue, "rayjob", "-n", "e2e", "ray-queued-rank")["spec"]["suspend"] is True
+    assert not get(kueue, "rayclusters", "-n", "e2e")["items"]  # no Ray pods while queued
+
+    kueue.kubectl("patch", "clusterqueue", "ray", "--type=json", "-p",
+                  '[{"op": "replace", "path": "/spec/resourceGroups/0/flavors/0/resources/0/nominalQuota", "value": "2"}]')  # fmt: skip
+    victim = wait_for("a ranking task running in a Ray worker pod", lambda: ray_task_pod(kueue), 240, 0.2,
+                      show=lambda: str(b3job_status()))  # fmt: skip
+    kueue.kubectl("delete", "pod", "-n", "e2e", victim, "--grace-period=1", "--wait=false")
+
+    final = wait_for("B3Job ray-queued finished", lambda: b3job_status().get("phase") in ("Succeeded", "Failed")
+                     and b3job_status(), 600, 2, show=lambda: logs(kueue, "ray-queued")[-3000:])  # fmt: skip
+    assert final["phase"] == "Succeeded", (final, logs(kueue, "ray-queued")[-3000:])
+    rayjob = get(kueue, "rayjob", "-n", "e2e", "ray-queued-rank")
+    assert (rayjob["status"]["jobDeploymentStatus"], rayjob["status"]["jobStatus"]) == ("Complete", "SUCCEEDED")
+    # one Ray cluster (Ray retried the task; KubeRay did not retry the job), the killed worker replaced
+    created = ray_pods_created(kueue, "ray-queued-rank")
+    assert created == ["CreatedHeadPod"] + ["CreatedWorkerPod"] * 3, created
+    workload = get(kueue, "workloads", "-n", "e2e", "-l", f"kueue.x-k8s.io/job-uid={rayjob['metadata']['uid']}")
+    admitted = {c["type"]: c["status"] for c in workload["items"][0]["status"]["conditions"]}
+    assert admitted.get("Finished") == "True", admitted
+    wait_ray_cluster_gone(kueue)
+    topk = WorkDir(str(data_volume / "ray-queued")).read_parquet("rank", "topk.parquet")
+    assert topk.num_rows == 27_077  # the training rows of the 30k (split by source)
+    assert all(neighbors[0] >= 0 for neighbors in topk.column("neighbors").to_pylist())  # no unit lost
 
 # --- monitoring from real pods -------------------------------------------------------------------
 

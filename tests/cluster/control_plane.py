@@ -206,11 +206,12 @@ class ControlPlane:
             "--apiserver-port", str(self.port),
         ])  # fmt: skip
 
-    def start_kueue(self, timeout: float = 120) -> None:
-        """Kueue's manager (built from sigs.k8s.io/kueue by build.sh) with its CRDs and its Job
-        and Kueue-object webhooks, which the apiserver calls over TLS at 127.0.0.1 (serving
-        certificate: the apiserver's own, signed by the test CA, valid for 127.0.0.1). Only the
-        batch/job integration is on; Kueue manages only Jobs with a queue-name label."""
+    def start_kueue(self, frameworks: tuple[str, ...] = ("batch/job",), timeout: float = 120) -> None:
+        """Kueue's manager (built from sigs.k8s.io/kueue by build.sh) with its CRDs, and the
+        webhooks of its own objects and of the integrations in `frameworks` ("batch/job",
+        "ray.io/rayjob": that one needs KubeRay's CRDs first), which the apiserver calls over TLS
+        at 127.0.0.1 (serving certificate: the apiserver's own, signed by the test CA, valid for
+        127.0.0.1). Kueue manages only objects with a queue-name label."""
         import yaml
 
         config_dir, folder = binaries()["kueue-config"], self.root / "kueue"
@@ -228,7 +229,7 @@ class ControlPlane:
             "webhook": {"host": "127.0.0.1", "port": webhook_port, "certDir": str(folder / "certs")},
             "leaderElection": {"leaderElect": False},
             "internalCertManagement": {"enable": False},
-            "integrations": {"frameworks": ["batch/job"]},
+            "integrations": {"frameworks": list(frameworks)},
         }))  # fmt: skip
         # Kueue reads its metrics certificate from a fixed path: bound there in a private mount
         # namespace by the node double's launcher
@@ -241,11 +242,13 @@ class ControlPlane:
                               str(HERE / "pod_launcher.py"), str(folder / "launch.json")])  # fmt: skip
         ca = base64.b64encode((self.root / "pki" / "ca.crt").read_bytes()).decode()
         configurations = list(yaml.safe_load_all((config_dir / "webhooks.yaml.in").read_text()))
+        # a webhook's path names its group, version and kind: /mutate-ray-io-v1-rayjob
+        served = ["-kueue-x-k8s-io-"] + [f"-{group.replace('.', '-')}-v1-{kind}" for group, kind
+                                         in (framework.split("/") for framework in frameworks)]  # fmt: skip
         for doc in configurations:
             doc["metadata"].pop("namespace", None)
             doc["webhooks"] = [w for w in doc["webhooks"]
-                               if "-batch-v1-job" in w["clientConfig"]["service"]["path"]
-                               or "-kueue-x-k8s-io-" in w["clientConfig"]["service"]["path"]]  # fmt: skip
+                               if any(part in w["clientConfig"]["service"]["path"] for part in served)]  # fmt: skip
             for hook in doc["webhooks"]:
                 path = hook["clientConfig"].pop("service")["path"]
                 hook["clientConfig"] = {"url": f"https://127.0.0.1:{webhook_port}{path}", "caBundle": ca}
