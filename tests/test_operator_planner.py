@@ -302,6 +302,14 @@ def test_bad_input_in_the_ray_driver_fails_at_once_and_stops_kuberays_retries(de
     assert result.status["phase"] == "Failed" and "StageFailed" in reasons
     assert "column 'query' missing" in result.status["message"]
     assert actions == ([("suspend", "RayJob", "job-1-rank")] if live else [])
+    # held by Kueue, which would unsuspend it while its Workload is admitted: the Workload is
+    # deactivated instead (Kueue then suspends the RayJob)
+    queued = {"metadata": {"name": "job-1-rank", "labels": {"kueue.x-k8s.io/queue-name": "q"}},
+              "spec": {"backoffLimit": 2}, "status": status}  # fmt: skip
+    state = rayjob_state(queued, {"metadata": {"name": "rayjob-job-1-rank-1"}, "spec": {"active": True}, "status": {
+        "conditions": [{"type": "QuotaReserved", "status": "True"}, {"type": "Admitted", "status": "True"}]}})  # fmt: skip
+    _, actions, _ = run(body(rank={"workers": 2}, runPolicy={"queueName": "q"}), Observed(configmap=True, stages={"rank": state}))
+    assert actions == ([("deactivate", "Workload", "rayjob-job-1-rank-1")] if live else [])
     # any other exit code is KubeRay's to retry
     status["message"] = RAY_DRIVER_FAILED.format(code=1)
     other = rayjob_state({"metadata": {"name": "job-1-rank"}, "spec": {"backoffLimit": 2}, "status": status})

@@ -340,39 +340,46 @@ def test_a_rank_stage_on_two_ray_workers_runs_through_kuberay_and_ranks_as_one_p
                                np.concatenate(ray.column("scores").to_pylist()), atol=2e-3)  # fmt: skip
 
 
-def test_bad_input_in_the_ray_driver_fails_the_stage_at_once_without_kuberays_retries(operator, data_volume):
+@pytest.fixture(scope="module")
+def kueue(operator, data_volume):
+    """Kueue with its Job and RayJob integrations (after KubeRay's CRDs). LocalQueue ray-queue
+    in e2e takes a rank RayJob of RAY_RANK (head, two workers and KubeRay's submitter: 1.25
+    CPUs); ray-small's ClusterQueue has 1 CPU, less than that."""
+    operator.start_kueue(frameworks=("batch/job", "ray.io/rayjob"))
+
+    def queue(name: str, cpus: str) -> list[dict]:
+        quota = [{"name": "cpu", "nominalQuota": cpus}, {"name": "memory", "nominalQuota": "16Gi"},
+                 {"name": "nvidia.com/gpu", "nominalQuota": GPUS}]  # fmt: skip
+        return [{"apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "ClusterQueue", "metadata": {"name": name},
+                 "spec": {"namespaceSelector": {}, "resourceGroups": [{
+                     "coveredResources": ["cpu", "memory", "nvidia.com/gpu"],
+                     "flavors": [{"name": "default", "resources": quota}]}]}},
+                {"apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "LocalQueue",
+                 "metadata": {"name": name, "namespace": "e2e"}, "spec": {"clusterQueue": name}}]  # fmt: skip
+
+    flavor = {"apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "ResourceFlavor", "metadata": {"name": "default"}}
+    operator.kubectl("apply", "-f", "-", stdin=yaml.safe_dump_all([flavor, *queue("ray-queue", "2"), *queue("ray-small", "1")]))
+    return operator
+
+
+def test_bad_input_in_the_ray_driver_fails_the_stage_at_once_without_kuberays_retries(kueue, data_volume):
     """A column the rows lack passes the API server (it cannot read the data) but the driver's
     check before compute exits 2: the B3Job fails naming the column, and the RayJob, which
-    KubeRay would retry on a new Ray cluster twice (backoffLimit 2), is stopped after one try."""
-    final = run_to_end(operator, "ray-bad", **RAY_RANK, **{"dataset.columns.query": "no_such_column"})
+    KubeRay would retry on a new Ray cluster twice (backoffLimit 2), is stopped after one try.
+    It came through Kueue, which undoes a suspend while the Workload is admitted: the operator
+    deactivates the Workload and Kueue suspends the RayJob."""
+    final = run_to_end(kueue, "ray-bad", **RAY_RANK, **{"dataset.columns.query": "no_such_column",
+                                                         "runPolicy.queueName": "ray-queue"})  # fmt: skip
     assert final["phase"] == "Failed" and "no_such_column" in final["message"], final
     failed = next(c for c in final["conditions"] if c["type"] == "Failed")
     assert failed["reason"] == "RankingFailed" and "(BadInput)" in failed["message"], failed
-    rayjob = get(operator, "rayjob", "-n", "e2e", "ray-bad-rank")
-    assert rayjob["spec"]["backoffLimit"] == 2 and rayjob["spec"]["suspend"] is True
-    wait_ray_cluster_gone(operator)
-    assert ray_pods_created(operator, "ray-bad-rank").count("CreatedHeadPod") == 1  # one Ray cluster: no retry
-
-
-
-@pytest.fixture(scope="module")
-def kueue(operator, data_volume):
-    """Kueue with its Job and RayJob integrations (after KubeRay's CRDs), and a ClusterQueue
-    `ray` of 1 CPU: less than a rank RayJob of RAY_RANK asks for (head, two workers and
-    KubeRay's submitter: 1.25 CPUs)."""
-    operator.start_kueue(frameworks=("batch/job", "ray.io/rayjob"))
-    operator.kubectl("apply", "-f", "-", stdin=yaml.safe_dump_all([
-        {"apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "ResourceFlavor", "metadata": {"name": "default"}},
-        {"apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "ClusterQueue", "metadata": {"name": "ray"},
-         "spec": {"namespaceSelector": {}, "resourceGroups": [{
-             "coveredResources": ["cpu", "memory", "nvidia.com/gpu"],
-             "flavors": [{"name": "default", "resources": [{"name": "cpu", "nominalQuota": "1"},
-                                                            {"name": "memory", "nominalQuota": "16Gi"},
-                                                            {"name": "nvidia.com/gpu", "nominalQuota": GPUS}]}]}]}},
-        {"apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "LocalQueue", "metadata": {"name": "ray-queue", "namespace": "e2e"},
-         "spec": {"clusterQueue": "ray"}},
-    ]))  # fmt: skip
-    return operator
+    rayjob = get(kueue, "rayjob", "-n", "e2e", "ray-bad-rank")
+    assert rayjob["spec"]["backoffLimit"] == 2
+    wait_for("the RayJob suspended by Kueue", lambda: get(kueue, "rayjob", "-n", "e2e", "ray-bad-rank")["spec"].get("suspend"), 60)
+    workload = get(kueue, "workloads", "-n", "e2e", "-l", f"kueue.x-k8s.io/job-uid={rayjob['metadata']['uid']}")
+    assert workload["items"][0]["spec"]["active"] is False
+    wait_ray_cluster_gone(kueue)  # and none made after: KubeRay makes no Ray cluster for a suspended RayJob
+    assert ray_pods_created(kueue, "ray-bad-rank").count("CreatedHeadPod") == 1  # one Ray cluster: no retry
 
 
 def ray_task_pod(cluster) -> str | None:
@@ -400,7 +407,7 @@ def test_kueue_admits_a_queued_rank_rayjob_and_a_ray_worker_killed_mid_rank_does
     rows = pq.read_table(SHARED / "datasets" / "debian-descriptions.parquet").slice(0, 30_000)
     pq.write_table(rows, data_volume / "debian-30k.parquet")
     subprocess.run(["chown", "1000:1000", str(data_volume / "debian-30k.parquet")], check=True)
-    job = real_job("ray-queued", **RAY_RANK, **{"runPolicy.queueName": "ray-queue",
+    job = real_job("ray-queued", **RAY_RANK, **{"runPolicy.queueName": "ray-small",
                                                 "dataset.uri": "/data/debian-30k.parquet"})  # fmt: skip
     kueue.kubectl("apply", "-f", "-", stdin=yaml.safe_dump(job))
 
@@ -416,7 +423,7 @@ def test_kueue_admits_a_queued_rank_rayjob_and_a_ray_worker_killed_mid_rank_does
     assert get(kueue, "rayjob", "-n", "e2e", "ray-queued-rank")["spec"]["suspend"] is True
     assert not get(kueue, "rayclusters", "-n", "e2e")["items"]  # no Ray pods while queued
 
-    kueue.kubectl("patch", "clusterqueue", "ray", "--type=json", "-p",
+    kueue.kubectl("patch", "clusterqueue", "ray-small", "--type=json", "-p",
                   '[{"op": "replace", "path": "/spec/resourceGroups/0/flavors/0/resources/0/nominalQuota", "value": "2"}]')  # fmt: skip
     victim = wait_for("a ranking task running in a Ray worker pod", lambda: ray_task_pod(kueue), 240, 0.2,
                       show=lambda: str(b3job_status()))  # fmt: skip

@@ -271,6 +271,15 @@ def rayjob_state(rayjob: dict[str, Any], workload: dict[str, Any] | None = None,
     return ChildState("RayJob", name, "Running", problem=problem, started=running >= expected, **marks)
 
 
+def stop_action(child: ChildState) -> Action:
+    """How to stop a child its controller would run again: through its Kueue Workload when
+    Kueue holds it (Kueue unsuspends a suspended child whose Workload is admitted; it
+    suspends the child of an inactive one itself), else by suspending it."""
+    if child.workload:
+        return Action("deactivate", "Workload", child.workload)
+    return Action("suspend", child.kind, child.name)
+
+
 def restart_decision(child: ChildState, max_restarts: int) -> tuple[str, bool] | None:
     """Whether a failed training gang restarts: (why, counted), or None when the job fails.
     Bad input fails at once (it would fail again), as does the stage's own deadline; a
@@ -549,7 +558,7 @@ def plan(body: dict[str, Any], observed: Observed, now: str) -> Plan:
             if child.restarts:
                 message += f" [after {child.restarts} restarts]"
             if child.live:  # KubeRay frees a suspended RayJob's Ray cluster and makes no new one
-                actions.append(Action("suspend", child.kind, child.name))
+                actions.append(stop_action(child))
             return fail(f"{STAGE_PHASE[stage]}Failed", "StageFailed", message)
         for action, reason, message in suspension(stage, child, spec.suspend, status):
             actions.append(action)
