@@ -150,6 +150,37 @@ def subset(job: B3Job, tasks: list[str] | None, buckets: int, validation: bool, 
     return variant(job, Path(job.spec.work_dir), dataset={"uri": str(path), "format": "parquet", "split": test})
 
 
+class TrainingCurve(logging.Handler):
+    """The trainer's log lines (b3.train: a JSON line per 10 steps, means over those steps),
+    kept while an arm trains: how far in-batch accuracy and loss got in each epoch shows
+    whether random batches saturate (experiment C)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lines: list[dict] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if message.startswith("{"):
+            line = json.loads(message)
+            if "accuracy" in line:
+                self.lines.append(line)
+
+    def by_epoch(self) -> list[dict]:
+        """Per epoch: its steps' mean in-batch accuracy and loss (window means weighted by
+        their steps), in epoch order."""
+        epochs: dict[int, list[dict]] = {}
+        for line in self.lines:
+            epochs.setdefault(line["epoch"], []).append(line)
+        out = []
+        for epoch, lines in sorted(epochs.items()):
+            steps = np.array([line["steps_averaged"] for line in lines], dtype=float)
+            out.append({"epoch": epoch, "steps": int(steps.sum()),
+                        **{key: round(float(np.average([line[key] for line in lines], weights=steps)), 4)
+                           for key in ("accuracy", "loss")}})  # fmt: skip
+        return out
+
+
 def load_ranks(path: Path) -> Ranks:
     saved = np.load(path, allow_pickle=True)
     return Ranks(mixed=saved["mixed"], task=saved["task"], tasks=saved["tasks"], corpus=int(saved["corpus"]))
@@ -501,13 +532,19 @@ def main() -> None:
                           mining={"seed": seed, "batch_size": a["batch_size"], "cluster_size": k_of(a["batch_size"]),
                                   "mix_tasks": mix, "per_task": per_task, "hard_negatives": a["hard_negatives"]})  # fmt: skip
             t0 = time.time()
-            record = train_stage(job, env={})
+            curve = TrainingCurve()
+            logging.getLogger("b3.train").addHandler(curve)
+            try:
+                record = train_stage(job, env={})
+            finally:
+                logging.getLogger("b3.train").removeHandler(curve)
             train_seconds = record.get("seconds", time.time() - t0)
             ranks = evaluate(str(arm_work / "train" / "final" / "model"), job, test_pairs, arm_work / "eval.npz",
                              trained=record["fingerprint"])  # fmt: skip
             per_seed.setdefault((a["arm"], a["batch_size"]), []).append(ranks)
             metrics = headline(ranks)
-            results["runs"].append({**a, "seed": seed, "steps": steps, "train_seconds": round(train_seconds, 1), **metrics})
+            results["runs"].append({**a, "seed": seed, "steps": steps, "train_seconds": round(train_seconds, 1), **metrics,
+                                    **({"by_epoch": curve.by_epoch()} if curve.lines else {})})  # a skipped run logs none
             results["comparisons"] = comparisons(per_seed)
             # after every arm, so an interrupted experiment still leaves its results
             out.with_suffix(".json").write_text(json.dumps(results, indent=2))

@@ -3,6 +3,8 @@ evaluates on, and how it compares arms. The trainings themselves are the stages'
 
 from __future__ import annotations
 
+import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -122,3 +124,38 @@ def test_an_evaluation_is_reused_only_for_the_model_it_was_made_for(tmp_path, ti
     assert experiment.evaluate("student-a", job, [1], untrained).mixed.tolist() == [3]
     assert experiment.evaluate("student-a", job, [1], untrained).mixed.tolist() == [3]
     assert experiment.evaluate("student-b", job, [1], untrained).mixed.tolist() == [4]
+
+
+def test_the_training_curve_averages_each_epochs_log_lines_by_their_steps():
+    curve = experiment.TrainingCurve()
+    lines = [{"step": 1, "epoch": 0, "accuracy": 0.2, "loss": 3.0, "steps_averaged": 1},
+             {"step": 10, "epoch": 0, "accuracy": 0.5, "loss": 2.0, "steps_averaged": 9},
+             {"step": 12, "epoch": 1, "accuracy": 0.9, "loss": 1.0, "steps_averaged": 2}]  # fmt: skip
+    for line in lines:
+        curve.emit(logging.makeLogRecord({"msg": json.dumps(line)}))
+    curve.emit(logging.makeLogRecord({"msg": "resuming from step-10"}))  # not a curve line
+    assert curve.by_epoch() == [{"epoch": 0, "steps": 10, "accuracy": 0.47, "loss": 2.1},
+                                {"epoch": 1, "steps": 2, "accuracy": 0.9, "loss": 1.0}]  # fmt: skip
+
+
+def test_the_training_curve_reads_the_trainers_own_log_lines(tmp_path, tiny_spec):
+    """The trainer's JSON lines are what the curve parses: a real run's steps all show up."""
+    from b3.stages import partition_stage, rank_stage
+    from b3.train import train_stage
+
+    spec = {**tiny_spec, "workDir": str(tmp_path / "work"), "training": {**tiny_spec["training"], "steps": 12}}
+    job = load_manifest(write_manifest(tmp_path, spec))
+    rank_stage(job), partition_stage(job)
+    curve = experiment.TrainingCurve()
+    logger = logging.getLogger("b3.train")
+    logger.addHandler(curve)
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        train_stage(job, env={})
+    finally:
+        logger.removeHandler(curve)
+        logger.setLevel(level)
+    epochs = curve.by_epoch()
+    assert sum(e["steps"] for e in epochs) == 12 and [e["epoch"] for e in epochs] == list(range(len(epochs)))
+    assert all(0 <= e["accuracy"] <= 1 and e["loss"] > 0 for e in epochs)
