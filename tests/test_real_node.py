@@ -3,12 +3,14 @@ the upstream kubelet, containerd and runc running the images built from images/*
 (tests/cluster/build_images.sh), pods on a CNI bridge with their own IPs, CoreDNS as the
 cluster DNS. The chart's operator runs from its image; the stages run in the worker image
 under the pods' default securityContext (uid 1000, read-only root); two training pods meet
-over their pod IPs; an eviction reaches the trainer as a kubelet delivers it; Prometheus finds
-the pods through the API server and scrapes them over their IPs.
+over their pod IPs; an eviction reaches the trainer as a kubelet delivers it; the rank stage
+runs on Ray through the real KubeRay, queued by the real Kueue, and outlives a lost Ray worker;
+Prometheus finds the pods through the API server and scrapes them over their IPs.
 
 The last test stops the node and asserts the machine is as it was (sysctls, iptables,
 cgroups, mounts, links, folders). The node double (test_cluster.py) stays for what it shows
-faster and the same: the controllers' decisions, RBAC, Kueue."""
+faster and the same: the controllers' decisions, RBAC, Kueue with Jobs (RayJobs go through
+Kueue here, with the real KubeRay)."""
 
 from __future__ import annotations
 
@@ -362,6 +364,12 @@ def kueue(operator, data_volume):
     return operator
 
 
+def rayjob_workload(cluster, rayjob: dict) -> dict:
+    """Kueue's Workload of a RayJob (labelled with the RayJob's uid)."""
+    uid = rayjob["metadata"]["uid"]
+    return get(cluster, "workloads", "-n", "e2e", "-l", f"kueue.x-k8s.io/job-uid={uid}")["items"][0]
+
+
 def test_bad_input_in_the_ray_driver_fails_the_stage_at_once_without_kuberays_retries(kueue, data_volume):
     """A column the rows lack passes the API server (it cannot read the data) but the driver's
     check before compute exits 2: the B3Job fails naming the column, and the RayJob, which
@@ -376,8 +384,7 @@ def test_bad_input_in_the_ray_driver_fails_the_stage_at_once_without_kuberays_re
     rayjob = get(kueue, "rayjob", "-n", "e2e", "ray-bad-rank")
     assert rayjob["spec"]["backoffLimit"] == 2
     wait_for("the RayJob suspended by Kueue", lambda: get(kueue, "rayjob", "-n", "e2e", "ray-bad-rank")["spec"].get("suspend"), 60)
-    workload = get(kueue, "workloads", "-n", "e2e", "-l", f"kueue.x-k8s.io/job-uid={rayjob['metadata']['uid']}")
-    assert workload["items"][0]["spec"]["active"] is False
+    assert rayjob_workload(kueue, rayjob)["spec"]["active"] is False
     wait_ray_cluster_gone(kueue)  # and none made after: KubeRay makes no Ray cluster for a suspended RayJob
     assert ray_pods_created(kueue, "ray-bad-rank").count("CreatedHeadPod") == 1  # one Ray cluster: no retry
 
@@ -437,13 +444,13 @@ def test_kueue_admits_a_queued_rank_rayjob_and_a_ray_worker_killed_mid_rank_does
     # one Ray cluster (Ray retried the task; KubeRay did not retry the job), the killed worker replaced
     created = ray_pods_created(kueue, "ray-queued-rank")
     assert created == ["CreatedHeadPod"] + ["CreatedWorkerPod"] * 3, created
-    workload = get(kueue, "workloads", "-n", "e2e", "-l", f"kueue.x-k8s.io/job-uid={rayjob['metadata']['uid']}")
-    admitted = {c["type"]: c["status"] for c in workload["items"][0]["status"]["conditions"]}
-    assert admitted.get("Finished") == "True", admitted
+    admission = {c["type"]: c["status"] for c in rayjob_workload(kueue, rayjob)["status"]["conditions"]}
+    assert admission.get("Finished") == "True", admission
     wait_ray_cluster_gone(kueue)
     topk = WorkDir(str(data_volume / "ray-queued")).read_parquet("rank", "topk.parquet")
     assert topk.num_rows == 27_077  # the training rows of the 30k (split by source)
     assert all(neighbors[0] >= 0 for neighbors in topk.column("neighbors").to_pylist())  # no unit lost
+
 
 # --- monitoring from real pods -------------------------------------------------------------------
 
