@@ -1,0 +1,80 @@
+"""The emoji image-text set (examples/emoji/build_dataset.py), built from the Debian packages
+`.ci/run` installs: its pairs, its images, its split key, and that it rebuilds byte for byte."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+spec = importlib.util.spec_from_file_location("build_dataset", ROOT / "examples" / "emoji" / "build_dataset.py")
+emoji_set = sys.modules["build_dataset"] = importlib.util.module_from_spec(spec)  # dataclasses look it up
+spec.loader.exec_module(emoji_set)
+
+
+@pytest.fixture(autouse=True)
+def packages():
+    """Skip without the packages, except in CI, where `.ci/run` installs them."""
+    missing = [package for package, (path, _) in emoji_set.PACKAGES.items() if not Path(path).exists()]
+    if missing:
+        message = f"needs the Debian packages {' '.join(missing)}"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+
+
+def files(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}  # fmt: skip
+
+
+def test_pairs_share_one_image_per_emoji_and_skin_tones_share_a_source(tmp_path):
+    out = tmp_path / "emoji"
+    assert emoji_set.main(["--out", str(out), "--groups", "hand-fingers-closed", "Flags", "--size", "32"]) == 0
+    rows = pq.read_table(out / "emoji.parquet").to_pylist()
+    summary = json.loads((out / "emoji.json").read_text())
+    assert summary["rows"] == len(rows) and set(summary["tasks"]) == set(emoji_set.TASKS)
+    assert summary["packages"]["fonts-noto-color-emoji"]["licence"] == "OFL-1.1"
+    by_id = {r["id"]: r for r in rows}
+    assert len(by_id) == len(rows)  # ids are unique
+    for r in rows:  # each side is a text or an image, never both, never neither
+        assert (r["query"] is None) != (r["query_image"] is None), r
+        assert (r["positive"] is None) != (r["positive_image"] is None), r
+    # 👍 and its five skin tones: one source, five distinct images, every image 32x32 RGB
+    thumbs = [r for r in rows if r["task"] == "image-to-name" and r["source"] == "👍"]
+    assert sorted(r["positive"] for r in thumbs)[:2] == ["thumbs up", "thumbs up: dark skin tone"]
+    assert len(thumbs) == 6 and len({(out / r["query_image"]).read_bytes() for r in thumbs}) == 6
+    for r in thumbs:
+        image = Image.open(out / r["query_image"])
+        assert (image.size, image.mode) == ((32, 32), "RGB")
+    # the same emoji's image on both sides of its tasks; its texts from CLDR
+    name_to_image = by_id["name-to-image/1F44D"]
+    assert name_to_image["query"] == "thumbs up" and name_to_image["positive_image"] == by_id["image-to-name/1F44D"]["query_image"]
+    assert by_id["image-to-name-de/1F44D"]["positive"] == "Daumen hoch"
+    keywords = by_id["keywords-to-image/1F44D"]["query"]
+    assert "+1" in keywords.split(", ") and "thumbs up" not in keywords.split(", ")  # the name is left out
+    assert by_id["image-to-category/1F44D"]["positive"] == "People & Body: hand fingers closed"
+
+
+def test_a_rebuild_is_byte_identical(tmp_path):
+    for name in ("a", "b"):
+        assert emoji_set.main(["--out", str(tmp_path / name), "--groups", "country-flag", "--size", "24"]) == 0
+    assert files(tmp_path / "a") == files(tmp_path / "b")
+
+
+def test_bad_input_exits_2_naming_the_problem_before_drawing(tmp_path, monkeypatch, capsys):
+    assert emoji_set.main(["--out", str(tmp_path / "x"), "--groups", "Smileys"]) == 2
+    assert "no emoji group or subgroup Smileys" in capsys.readouterr().err
+    assert emoji_set.main(["--out", str(tmp_path / "x"), "--size", "4"]) == 2
+    monkeypatch.setitem(emoji_set.PACKAGES, "fonts-noto-color-emoji", ("/nonexistent/NotoColorEmoji.ttf", "OFL-1.1"))
+    assert emoji_set.main(["--out", str(tmp_path / "x")]) == 2
+    assert "needs the Debian package fonts-noto-color-emoji" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()  # nothing drawn
