@@ -48,7 +48,7 @@ VERSIONS = {"embed": 1, "rank": 2, "partition": 2, "train": 2}
 # covers the whole section. Fields of no stage: rank.* and mining.partitionerThreads (workers,
 # threads and memory change how, not what), teacher.batchSize and teacher.device, workDir,
 # and the Kubernetes sections.
-_DATASET = ["dataset.uri", "dataset.format", "dataset.columns", "dataset.split"]
+_DATASET = ["dataset.uri", "dataset.format", "dataset.columns", "dataset.split", "dataset.imageRoot"]
 _TEACHER = ["teacher.model", "teacher.pooling", "teacher.maxLength", "teacher.dtype",
             "teacher.usePrompts"]  # fmt: skip
 _MINING_GROUPS = ["mining.p", "mining.m", "mining.perTask", "mining.minTaskSize",

@@ -6,8 +6,11 @@ stage programs turn into exit code 2 with the message in the pod's termination l
 or object-store fault is not a problem with the input: it is retried (`b3.retry`) and, when it
 persists, raised as `TransientError` (exit 75, which the Job retries).
 
-Rows whose positive texts are identical share a `positive_group`; downstream code uses it so
-that a query never meets its own positive's duplicates as negatives.
+Rows whose positives are identical (the same text and the same image) share a
+`positive_group`; downstream code uses it so that a query never meets its own positive's
+duplicates as negatives. With image columns (`dataset.columns.queryImage`, `positiveImage`;
+`b3.images` says what a cell may hold) a side needs its text, its image or both, and every image
+is read and decoded once before any compute, a bad one named by its row.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
 from b3.errors import TransientError
+from b3.images import cell_type_problem, image_cells, image_key, image_problems
 from b3.retry import is_transient, retrying
 from b3.spec import DatasetSpec
 from b3.storage import resolve_filesystem
@@ -51,8 +55,12 @@ class Pairs:
     queries: np.ndarray  # (N,) str
     positives: np.ndarray  # (N,) str
     tasks: np.ndarray  # (N,) str
-    positive_group: np.ndarray  # (N,) int64, equal for rows with identical positive text
+    positive_group: np.ndarray  # (N,) int64, equal for rows with identical positives
     held_out: int  # rows of the file left out as the test split
+    # (N,) object: each row's image (bytes or a resolved path; None: no image), when the
+    # dataset names an image column for that side; "" stands for a side's missing text then
+    query_images: np.ndarray | None = None
+    positive_images: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -223,7 +231,8 @@ def _where(bad: np.ndarray, file_rows: np.ndarray, ids: np.ndarray | None) -> st
 def require_columns(spec: DatasetSpec, present: list[str]) -> None:
     """DataError unless every column the spec names is among `present`."""
     cols = spec.columns
-    wanted = {"query": cols.query, "positive": cols.positive, "task": cols.task, "id": cols.id}
+    wanted = {"query": cols.query, "positive": cols.positive, "task": cols.task, "id": cols.id,
+              "query image": cols.query_image, "positive image": cols.positive_image}  # fmt: skip
     if spec.split is not None:
         wanted["split key"] = spec.split.key
     missing = [f"{name!r} ({role})" for role, name in wanted.items() if name and name not in present]
@@ -260,23 +269,52 @@ def _delimiter(path: str) -> str:
 
 
 def _text_column(table: pa.Table, name: str, role: str, uri: str, file_rows: np.ndarray,
-                 ids: np.ndarray | None) -> np.ndarray:  # fmt: skip
+                 ids: np.ndarray | None, images: np.ndarray | None = None) -> np.ndarray:  # fmt: skip
+    """The column's texts; a null or empty text is refused, unless the row has an image on this
+    side (`images`), where it becomes "" (image only); a row with neither is refused."""
     col = table.column(name)
+    if pa.types.is_null(col.type) and images is not None:  # every text null: an image-only side
+        col = col.cast(pa.string())
     if not pa.types.is_string(col.type) and not pa.types.is_large_string(col.type):
         raise DataError(f"dataset {uri}: column {name!r} ({role}) must hold text, not {col.type}")
     empty = pc.or_kleene(pc.is_null(col), pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(col)), 0))
-    bad = np.flatnonzero(empty.to_numpy(zero_copy_only=False).astype(bool, copy=False))
-    if len(bad):
-        raise DataError(f"dataset {uri}: {len(bad)} rows have a null or empty {name!r} ({role}): "
-                        f"{_where(bad, file_rows, ids)}")  # fmt: skip
-    return np.asarray(col.to_pylist(), dtype=object)
+    empty = empty.to_numpy(zero_copy_only=False).astype(bool, copy=False)
+    if images is None:
+        if len(bad := np.flatnonzero(empty)):
+            raise DataError(f"dataset {uri}: {len(bad)} rows have a null or empty {name!r} ({role}): "
+                            f"{_where(bad, file_rows, ids)}")  # fmt: skip
+        return np.asarray(col.to_pylist(), dtype=object)
+    if len(bad := np.flatnonzero(empty & np.asarray([image is None for image in images], dtype=bool))):
+        raise DataError(f"dataset {uri}: {len(bad)} rows have neither a {role} text ({name!r}) nor a "
+                        f"{role} image: {_where(bad, file_rows, ids)}")  # fmt: skip
+    return np.asarray(["" if e else t for e, t in zip(empty, col.to_pylist(), strict=True)], dtype=object)
+
+
+def _image_column(table: pa.Table, name: str | None, role: str, spec: DatasetSpec, file_rows: np.ndarray,
+                  ids: np.ndarray | None) -> np.ndarray | None:  # fmt: skip
+    """Each row's image on one side (None without an image column), every one read and
+    decoded: DataError naming the rows whose image is missing or broken."""
+    if name is None:
+        return None
+    col = table.column(name)
+    if problem := cell_type_problem(col.type):
+        raise DataError(f"dataset {spec.uri}: column {name!r} ({role} image) cannot hold images: {problem}")
+    root = spec.image_root or spec.uri.rstrip("/").rsplit("/", 1)[0]
+    cells = image_cells(col, root)
+    if problems := image_problems(cells, f"{role} images"):
+        rows = np.asarray([row for row, _ in problems])
+        reasons = "; ".join(why for _, why in problems[:3])
+        raise DataError(f"dataset {spec.uri}: {len(problems)} {role} image(s) in column {name!r} cannot be "
+                        f"used: {_where(rows, file_rows, ids)}: {reasons}")  # fmt: skip
+    return cells
 
 
 def load_pairs(spec: DatasetSpec, min_rows: int, split: str = "train") -> Pairs:
     """Read, check and split the dataset; return the rows of `split` ("train" or "test").
 
-    Raises DataError for: an unreadable file, missing columns, null or empty texts, duplicate
-    ids, and fewer than `min_rows` rows in the split (one batch, for training).
+    Raises DataError for: an unreadable file, missing columns, null or empty texts (where the
+    side has no image), images that cannot be read or decoded, duplicate ids, and fewer than
+    `min_rows` rows in the split (one batch, for training).
     """
     table = read_table(spec)
     cols = spec.columns
@@ -314,8 +352,10 @@ def load_pairs(spec: DatasetSpec, min_rows: int, split: str = "train") -> Pairs:
     ids, file_rows = ids[keep], every_row[keep]
     named = ids if cols.id else None
 
-    queries = _text_column(table, cols.query, "query", spec.uri, file_rows, named)
-    positives = _text_column(table, cols.positive, "positive", spec.uri, file_rows, named)
+    query_images = _image_column(table, cols.query_image, "query", spec, file_rows, named)
+    positive_images = _image_column(table, cols.positive_image, "positive", spec, file_rows, named)
+    queries = _text_column(table, cols.query, "query", spec.uri, file_rows, named, query_images)
+    positives = _text_column(table, cols.positive, "positive", spec.uri, file_rows, named, positive_images)
     if cols.task is not None:
         tasks = table.column(cols.task).cast(pa.string())
         if tasks.null_count:
@@ -336,6 +376,16 @@ def load_pairs(spec: DatasetSpec, min_rows: int, split: str = "train") -> Pairs:
         queries=queries,
         positives=positives,
         tasks=tasks,
-        positive_group=unique_texts(positives)[1],
+        positive_group=unique_texts(_positive_keys(positives, positive_images))[1],
         held_out=int((~keep).sum()),
+        query_images=query_images,
+        positive_images=positive_images,
     )
+
+
+def _positive_keys(texts: np.ndarray, images: np.ndarray | None) -> np.ndarray:
+    """What makes two positives the same: the text, and the image when there are images."""
+    if images is None:
+        return texts
+    return np.asarray([f"{text}\0{image_key(image) or ''}" for text, image in zip(texts, images, strict=True)],
+                      dtype=object)  # fmt: skip

@@ -1,7 +1,8 @@
 """Checks before compute: everything a stage will load, read or write can be had, before it
 spends any compute on the rest.
 
-    rank       teacher.model resolves; the dataset opens with the named columns; workDir writable
+    rank       teacher.model resolves; the dataset opens with the named columns (no image
+               columns: the models embed text only so far); workDir writable
     partition  mining.partitioner is installed; workDir writable
     train      training.student resolves; the dataset opens; training.outputDir (or workDir) writable
     eval       teacher.model and training.student resolve; the dataset opens; workDir writable
@@ -82,6 +83,12 @@ def _dataset(report: Report, job: B3Job, evaluates: bool) -> None:
         require_columns(spec, dataset_columns(spec))
     except DataError as err:
         report.problems.append(f"dataset.uri: {err}")
+    for field_name, column in (("queryImage", spec.columns.query_image), ("positiveImage", spec.columns.positive_image)):
+        if column is not None:  # the images are read and decoded with the rows (b3.data)
+            report.problems.append(
+                f"dataset.columns.{field_name}: {column!r} holds images, and the teacher and the student "
+                "embed text only so far (b3 reads, checks and groups image rows; embedding them is not "
+                "built yet); unset it to train on the texts alone")  # fmt: skip
     if evaluates and spec.split is None:
         report.problems.append("dataset.split: not set, so there is no held-out split to evaluate on")
 

@@ -65,6 +65,18 @@ class ColumnsSpec(_Model):
     id: str | None = Field(
         None, min_length=1, description="Column with a unique row id. Absent: the row number."
     )
+    query_image: str | None = Field(
+        None,
+        min_length=1,
+        description="Column holding the query's image: encoded bytes, a path (relative to "
+        "dataset.imageRoot) or a Hugging Face Image struct {bytes, path}; null where the query "
+        "has none. A row's query needs its text, its image or both. Absent: text-only queries.",
+    )
+    positive_image: str | None = Field(
+        None,
+        min_length=1,
+        description="Column holding the positive's image, as queryImage. Absent: text-only positives.",
+    )
 
 
 class SplitSpec(_Model):
@@ -130,6 +142,12 @@ class DatasetSpec(_Model):
     prompts: PromptsSpec = Field(
         default_factory=PromptsSpec,
         description="Instructions prefixed to the student's queries and positives (the teacher's too with teacher.usePrompts).",
+    )
+    image_root: str | None = Field(
+        None,
+        min_length=1,
+        description="Folder (path or URI) that relative image paths are read from. Absent: the "
+        "folder holding the dataset file. Relative paths are resolved against the manifest's folder.",
     )
 
 
@@ -633,7 +651,8 @@ def parse_manifest(doc: Any, base_dir: str | Path = ".") -> B3Job:
     resolved = spec.model_copy(
         update={
             "dataset": spec.dataset.model_copy(
-                update={"uri": _resolve_against(spec.dataset.uri, base)}
+                update={"uri": _resolve_against(spec.dataset.uri, base),
+                        "image_root": spec.dataset.image_root and _resolve_against(spec.dataset.image_root, base)}
             ),
             "work_dir": _resolve_against(spec.work_dir, base),
             "training": spec.training.model_copy(

@@ -24,6 +24,8 @@ CHANGES = {
     "dataset.uri": "OTHER", "dataset.format": "parquet",
     "dataset.columns.query": "q", "dataset.columns.positive": "pos", "dataset.columns.task": "kind",
     "dataset.columns.id": "id", "dataset.split": {"key": "source"},
+    "dataset.columns.queryImage": "query_image", "dataset.columns.positiveImage": "positive_image",
+    "dataset.imageRoot": "/images",
     "dataset.prompts.query": "query: ", "dataset.prompts.positive": "passage: ",
     "dataset.prompts.byTask": {"t0": {"query": "find: "}},
     "teacher.model": "other/model", "teacher.pooling": "cls", "teacher.maxLength": 64,
@@ -66,7 +68,8 @@ CHANGES = {
 # What each stage reads, classified by hand from its code (b3/stages.py, b3/train.py):
 # a stage also "reads" what its upstream reads, through the upstream fingerprint.
 RANK = {"dataset.uri", "dataset.format", "dataset.columns.query", "dataset.columns.positive",
-        "dataset.columns.task", "dataset.columns.id", "dataset.split", "teacher.model",
+        "dataset.columns.task", "dataset.columns.id", "dataset.split", "dataset.columns.queryImage",
+        "dataset.columns.positiveImage", "dataset.imageRoot", "teacher.model",
         "teacher.pooling", "teacher.maxLength", "teacher.dtype", "teacher.usePrompts",
         "mining.p", "mining.m", "mining.perTask", "mining.minTaskSize", "mining.batchSize"}  # fmt: skip
 PROMPTS = {"dataset.prompts.query", "dataset.prompts.positive", "dataset.prompts.byTask"}

@@ -78,3 +78,24 @@ def test_bad_input_exits_2_naming_the_problem_before_drawing(tmp_path, monkeypat
     assert emoji_set.main(["--out", str(tmp_path / "x")]) == 2
     assert "needs the Debian package fonts-noto-color-emoji" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()  # nothing drawn
+
+
+def test_b3_reads_the_set_with_its_image_columns_and_keeps_skin_tones_apart(tmp_path):
+    """load_pairs reads the set as built (image paths under the dataset's folder): image-only
+    sides have no text, every image decodes, and two skin tones of one emoji are different
+    positives while the rows of one category text are the same positive."""
+    from b3.data import load_pairs
+    from b3.spec import DatasetSpec
+
+    out = tmp_path / "emoji"
+    assert emoji_set.main(["--out", str(out), "--groups", "hand-fingers-closed", "--size", "24"]) == 0
+    spec = DatasetSpec.model_validate({"uri": str(out / "emoji.parquet"), "columns": {
+        "id": "id", "task": "task", "queryImage": "query_image", "positiveImage": "positive_image"}})  # fmt: skip
+    pairs = load_pairs(spec, min_rows=1)
+    rows = {id_: i for i, id_ in enumerate(pairs.ids)}
+    thumbs = rows["image-to-name/1F44D"]
+    assert pairs.queries[thumbs] == "" and pairs.query_images[thumbs] == f"{out}/images/noto/1F44D.png"
+    tones = [rows["name-to-image/1F44D"], rows["name-to-image/1F44D-1F3FF"]]
+    assert len({pairs.positive_group[i] for i in tones}) == 2
+    category = [i for i, t in enumerate(pairs.tasks) if t == "image-to-category"]
+    assert len({pairs.positive_group[i] for i in category}) == 1  # one subgroup: one category text
