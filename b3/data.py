@@ -290,23 +290,26 @@ def _text_column(table: pa.Table, name: str, role: str, uri: str, file_rows: np.
     return np.asarray(["" if e else t for e, t in zip(empty, col.to_pylist(), strict=True)], dtype=object)
 
 
-def _image_column(table: pa.Table, name: str | None, role: str, spec: DatasetSpec, file_rows: np.ndarray,
-                  ids: np.ndarray | None) -> np.ndarray | None:  # fmt: skip
-    """Each row's image on one side (None without an image column), every one read and
-    decoded: DataError naming the rows whose image is missing or broken."""
+def _image_column(table: pa.Table, name: str | None, role: str, spec: DatasetSpec) -> np.ndarray | None:
+    """Each row's image on one side (None without an image column), not read yet."""
     if name is None:
         return None
     col = table.column(name)
     if problem := cell_type_problem(col.type):
         raise DataError(f"dataset {spec.uri}: column {name!r} ({role} image) cannot hold images: {problem}")
-    root = spec.image_root or spec.uri.rstrip("/").rsplit("/", 1)[0]
-    cells = image_cells(col, root)
+    return image_cells(col, spec.image_root or spec.uri.rstrip("/").rsplit("/", 1)[0])
+
+
+def _check_images(cells: np.ndarray | None, name: str, role: str, uri: str, file_rows: np.ndarray,
+                  ids: np.ndarray | None) -> None:  # fmt: skip
+    """Every image read and decoded: DataError naming the rows whose image is missing or broken."""
+    if cells is None:
+        return
     if problems := image_problems(cells, f"{role} images"):
         rows = np.asarray([row for row, _ in problems])
         reasons = "; ".join(why for _, why in problems[:3])
-        raise DataError(f"dataset {spec.uri}: {len(problems)} {role} image(s) in column {name!r} cannot be "
+        raise DataError(f"dataset {uri}: {len(problems)} {role} image(s) in column {name!r} cannot be "
                         f"used: {_where(rows, file_rows, ids)}: {reasons}")  # fmt: skip
-    return cells
 
 
 def load_pairs(spec: DatasetSpec, min_rows: int, split: str = "train") -> Pairs:
@@ -352,8 +355,8 @@ def load_pairs(spec: DatasetSpec, min_rows: int, split: str = "train") -> Pairs:
     ids, file_rows = ids[keep], every_row[keep]
     named = ids if cols.id else None
 
-    query_images = _image_column(table, cols.query_image, "query", spec, file_rows, named)
-    positive_images = _image_column(table, cols.positive_image, "positive", spec, file_rows, named)
+    query_images = _image_column(table, cols.query_image, "query", spec)
+    positive_images = _image_column(table, cols.positive_image, "positive", spec)
     queries = _text_column(table, cols.query, "query", spec.uri, file_rows, named, query_images)
     positives = _text_column(table, cols.positive, "positive", spec.uri, file_rows, named, positive_images)
     if cols.task is not None:
@@ -371,6 +374,9 @@ def load_pairs(spec: DatasetSpec, min_rows: int, split: str = "train") -> Pairs:
             f"dataset {spec.uri}: {len(ids)} {split} rows, fewer than one batch "
             f"(mining.batchSize = {min_rows})"
         )
+    # last: reading every image is the one check that costs more than the table
+    _check_images(query_images, cols.query_image, "query", spec.uri, file_rows, named)
+    _check_images(positive_images, cols.positive_image, "positive", spec.uri, file_rows, named)
     return Pairs(
         ids=ids,
         queries=queries,
