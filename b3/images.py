@@ -95,6 +95,14 @@ def read_image_bytes(cell) -> bytes:
     return retrying(f"read image {cell}", read)
 
 
+def open_image(cell):
+    """The image a cell names, decoded, as an RGB PIL image (what processors take)."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(read_image_bytes(cell))) as image:
+        return image.convert("RGB")
+
+
 def image_problems(cells: np.ndarray, what: str) -> list[tuple[int, str]]:
     """(row, why) for each image that cannot be read or does not decode. Each image is read
     once and decoded in full (PIL's verify() misses truncated pixel data)."""

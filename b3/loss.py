@@ -10,6 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed.nn.functional import all_gather as all_gather_with_grad
 
+from b3.vision import rows_of, slice_rows
+
 
 def _world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
@@ -175,11 +177,8 @@ class CachedInfoNCELoss:
         self.mini_batch_size = mini_batch_size
 
     def _chunks(self, inputs: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
-        n = next(iter(inputs.values())).shape[0]
-        return [
-            {k: v[i : i + self.mini_batch_size] for k, v in inputs.items()}
-            for i in range(0, n, self.mini_batch_size)
-        ]
+        n = rows_of(inputs)
+        return [slice_rows(inputs, i, i + self.mini_batch_size) for i in range(0, n, self.mini_batch_size)]
 
     def backward(
         self,

@@ -1,5 +1,6 @@
 """The student: a Hugging Face encoder, with LoRA adapters (peft) or all of its weights
-trained, that embeds texts.
+trained, that embeds texts, or, for a vision-language model (one whose folder holds an image
+processor: Qwen2-VL and its successors), rows of text, image or both (`b3.vision`).
 
 `build_student` loads any `AutoModel`, wraps it with LoRA when given a LoraSpec (target modules
 from peft's per-family table unless the spec names them; every other weight frozen) or leaves
@@ -16,25 +17,34 @@ import os
 import torch
 from peft import LoraConfig, TaskType, get_peft_model
 from torch import nn
-from transformers import AutoModel, AutoTokenizer
+from transformers import AutoModel, AutoProcessor, AutoTokenizer
 
 from b3.model_source import resolve_model_path
 from b3.spec import LoraSpec
 from b3.teacher import ST_POOLING_KEYS, pool
+from b3.vision import encode_rows
 
 
 class EmbeddingModel(nn.Module):
-    """Tokenizer + (LoRA-wrapped) backbone + pooling + L2 normalisation."""
+    """Tokenizer (or a vision-language processor) + (LoRA-wrapped) backbone + pooling + L2
+    normalisation."""
 
-    def __init__(self, backbone: nn.Module, tokenizer, pooling: str, max_length: int):
+    def __init__(self, backbone: nn.Module, tokenizer, pooling: str, max_length: int, processor=None):
         super().__init__()
         self.backbone = backbone
         self.tokenizer = tokenizer
+        self.processor = processor  # None: a text model
         self.pooling = pooling
         self.max_length = max_length
         self.autocast_dtype: torch.dtype | None = None  # bf16 on GPUs: fp32 weights, bf16 matmuls
 
-    def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
+    def tokenize(self, texts: list[str], images: list | None = None) -> dict[str, torch.Tensor]:
+        """The model input of rows: texts, and with a processor each row's image (a PIL image
+        or None) too."""
+        if self.processor is not None:
+            return encode_rows(self.processor, texts, images or [None] * len(texts), self.max_length)
+        if images is not None and any(image is not None for image in images):
+            raise ValueError("this student embeds text only: its folder has no image processor")
         return dict(
             self.tokenizer(
                 texts,
@@ -49,9 +59,10 @@ class EmbeddingModel(nn.Module):
         on = self.autocast_dtype is not None
         device = inputs["input_ids"].device.type
         with torch.autocast(device, dtype=self.autocast_dtype or torch.float32, enabled=on):
-            out = self.backbone(
-                input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]
-            )
+            if self.processor is None:
+                out = self.backbone(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+            else:  # the pixels, patch grids and token kinds too; image_rows is b3's bookkeeping
+                out = self.backbone(**{k: v for k, v in inputs.items() if k != "image_rows"})
             pooled = pool(out.last_hidden_state, inputs["attention_mask"], self.pooling)  # (b, d)
         return nn.functional.normalize(pooled.float(), dim=-1)  # (b, d)
 
@@ -66,7 +77,8 @@ def build_student(
     """Load the student; with `lora`, add LoRA adapters (all other weights frozen), without it
     every weight trains (full fine-tuning)."""
     path = resolve_model_path(model)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    processor = vision_processor(path)
+    tokenizer = processor.tokenizer if processor is not None else AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     backbone = AutoModel.from_pretrained(path, dtype=torch.float32)
@@ -90,7 +102,18 @@ def build_student(
                 f"training.lora.targetModules: peft has no default for {backbone.config.model_type!r} "
                 f"models ({err}); name the modules, e.g. [q_proj, v_proj]"
             ) from None
-    return EmbeddingModel(backbone, tokenizer, pooling, max_length)
+    return EmbeddingModel(backbone, tokenizer, pooling, max_length, processor)
+
+
+def vision_processor(path: str):
+    """The model's processor when it takes images (its folder holds a processor with an image
+    processor; transformers 5 writes processor_config.json, earlier ones
+    preprocessor_config.json), else None: a text model."""
+    names = ("processor_config.json", "preprocessor_config.json")
+    if not os.path.isdir(path) or not any(os.path.exists(os.path.join(path, n)) for n in names):
+        return None
+    processor = AutoProcessor.from_pretrained(path)
+    return processor if getattr(processor, "image_processor", None) is not None else None
 
 
 def export_sentence_transformer(student: EmbeddingModel, folder: str, prompts: dict[str, str] | None = None) -> None:

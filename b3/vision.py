@@ -1,0 +1,76 @@
+"""The inputs of a vision-language student: rows of text, image or both as one model input,
+and the slices of rows that GradCache embeds at a time.
+
+A row's image enters the text as the backbone's image prompt, first (where VLM2Vec's texts put
+their `<|image_1|>` placeholder; the placeholder itself is dropped). The processor
+(`AutoProcessor`) then expands it into one token per merged patch and returns, beside the
+token tensors, the patches of all the batch's images concatenated (`pixel_values`, one row per
+patch) and each image's patch grid (`image_grid_thw`, one row per image: t, h, w). Patches and
+images are not rows of the batch, so slicing every tensor by row (as for text) would pair
+chunks with the wrong pixels: `slice_rows` cuts tokens by row, and images and patches by the
+rows that own them (`image_rows`, kept beside the processor's outputs).
+"""
+
+from __future__ import annotations
+
+import torch
+
+IMAGE_PLACEHOLDER = "<|image_1|>"  # MMEB / VLM2Vec: where a row's image goes in its text
+
+
+def image_prompt(processor) -> str:
+    """The text that stands for one image: Qwen2-VL wraps its image token in vision start/end
+    markers; others use the processor's image token alone."""
+    vocab = processor.tokenizer.get_vocab()
+    if "<|vision_start|>" in vocab and "<|vision_end|>" in vocab:
+        return f"<|vision_start|>{processor.image_token}<|vision_end|>"
+    return processor.image_token
+
+
+def truncate(tokenizer, text: str, max_length: int) -> str:
+    """`text` cut after its first `max_length` tokens, at a character boundary of the original
+    (a processor cannot truncate: cutting into an image's tokens breaks the image)."""
+    offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    return text if len(offsets) <= max_length else text[: offsets[max_length - 1][1]]
+
+
+def encode_rows(processor, texts: list[str], images: list, max_length: int) -> dict[str, torch.Tensor]:
+    """One model input for rows of (text, image or None): the processor's tensors, plus
+    `image_rows` (the row of each image, in the order of `image_grid_thw`). `max_length`
+    bounds each row's text tokens; an image's tokens are never cut."""
+    prompt = image_prompt(processor)
+    prompts, row_images, image_rows = [], [], []
+    for row, (text, image) in enumerate(zip(texts, images, strict=True)):
+        text = truncate(processor.tokenizer, text.replace(IMAGE_PLACEHOLDER, "").strip(), max_length)
+        if image is not None:
+            text = prompt + text
+            row_images.append(image)
+            image_rows.append(row)
+        prompts.append(text)
+    out = dict(processor(text=prompts, images=row_images or None, padding=True, return_tensors="pt"))
+    out.pop("token_type_ids", None)  # a text tokenizer's, meaningless to the decoder
+    out["image_rows"] = torch.tensor(image_rows, dtype=torch.int64)
+    return out
+
+
+def slice_rows(inputs: dict[str, torch.Tensor], start: int, stop: int) -> dict[str, torch.Tensor]:
+    """Rows [start, stop) of a model input: tokens by row; with images, the images those rows own
+    and exactly their patches (images of consecutive rows are consecutive, so are their patches)."""
+    if "image_rows" not in inputs:
+        return {k: v[start:stop] for k, v in inputs.items()}
+    image_rows = inputs["image_rows"]
+    out = {k: v[start:stop] for k, v in inputs.items() if k not in ("image_rows", "pixel_values", "image_grid_thw")}
+    owned = torch.nonzero((image_rows >= start) & (image_rows < stop)).flatten()
+    out["image_rows"] = image_rows[owned] - start
+    if len(owned):
+        grid = inputs["image_grid_thw"]
+        first_patch = torch.cat([grid.new_zeros(1), grid.prod(-1).cumsum(0)])  # (images + 1,)
+        lo, hi = int(owned[0]), int(owned[-1]) + 1
+        out["image_grid_thw"] = grid[lo:hi]
+        out["pixel_values"] = inputs["pixel_values"][int(first_patch[lo]) : int(first_patch[hi])]
+    return out
+
+
+def rows_of(inputs: dict[str, torch.Tensor]) -> int:
+    """How many rows a model input holds."""
+    return inputs["input_ids"].shape[0]

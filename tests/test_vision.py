@@ -1,0 +1,152 @@
+"""A vision-language student (a tiny random Qwen2-VL): rows of text, image or both as one input,
+GradCache chunks that carry exactly their rows' patches, and embeddings that see the pixels."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from b3.loss import InfoNCELoss
+from b3.model import build_student
+from b3.spec import LoraSpec
+from b3.train import compute_gradients
+from b3.vision import encode_rows, slice_rows, truncate
+
+LORA = LoraSpec(r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"])
+
+
+def picture(seed: int, height: int = 56, width: int = 56) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 255, (height, width, 3), dtype=np.uint8))
+
+
+@pytest.fixture(scope="module")
+def student(tiny_qwen2_vl_dir):
+    model = build_student(tiny_qwen2_vl_dir, "last_token", 32, LORA)
+    torch.manual_seed(0)
+    for name, weight in model.named_parameters():  # LoRA's B starts at 0, which leaves A no gradient
+        if "lora_B" in name:
+            weight.data.normal_(0, 0.1)
+    return model.eval()  # no dropout: two forwards of the same rows are the same function
+
+
+# rows of both kinds, images of different sizes (so of different patch counts) in between
+TEXTS = ["a red cat", "text only, no image", "<|image_1|>\nRepresent the given image.", "", "one more text", "a dog"]
+IMAGES = [picture(0), None, picture(1, 84, 56), picture(2, 56, 112), None, picture(3)]
+
+
+def grads_of(model) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
+
+
+def test_rows_become_one_input_with_each_image_owned_by_its_row(student):
+    inputs = student.tokenize(TEXTS, IMAGES)
+    assert inputs["image_rows"].tolist() == [0, 2, 3, 5]
+    grid = inputs["image_grid_thw"]
+    assert grid.tolist()[1] == [1, 6, 4] and grid.tolist()[2] == [1, 4, 8]  # 84x56 and 56x112 pixels
+    assert inputs["pixel_values"].shape[0] == int(grid.prod(-1).sum())
+    image_token = student.processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    per_row = (inputs["input_ids"] == image_token).sum(1).tolist()  # one token per 2x2 patches
+    assert per_row == [4, 0, 6, 8, 0, 4]
+    assert not any("<|image_1|>" in student.processor.tokenizer.decode(row) for row in inputs["input_ids"])
+
+
+def test_text_is_truncated_but_an_image_never_is(student):
+    long = " ".join(["word"] * 100)
+    inputs = encode_rows(student.processor, [long], [picture(0)], max_length=8)
+    tokens = student.processor.tokenizer
+    assert truncate(tokens, long, 8) == " ".join(["word"] * 8)
+    image_token = tokens.convert_tokens_to_ids("<|image_pad|>")
+    assert int((inputs["input_ids"] == image_token).sum()) == 4  # all of the image's tokens
+    assert int(inputs["attention_mask"].sum()) == 8 + 4 + 2 + 2  # text, image, vision start/end, [CLS]/[SEP]
+
+
+@settings(max_examples=60, deadline=None)
+@given(has_image=st.lists(st.booleans(), min_size=1, max_size=9), patches=st.data(), chunk=st.integers(1, 5))
+def test_slices_of_rows_carry_exactly_their_rows_patches(has_image, patches, chunk):
+    """Any pattern of rows with and without images, any chunk size: each chunk holds its rows'
+    images and exactly their patches, and the chunks put back together are the whole input."""
+    n = len(has_image)
+    image_rows = [r for r in range(n) if has_image[r]]
+    grid = torch.tensor([[1, 2 * patches.draw(st.integers(1, 3)), 2] for _ in image_rows], dtype=torch.int64).reshape(-1, 3)
+    owner = torch.repeat_interleave(torch.tensor(image_rows, dtype=torch.int64), grid.prod(-1)) if image_rows else torch.zeros(0)
+    inputs = {"input_ids": torch.arange(n).unsqueeze(1).repeat(1, 3), "attention_mask": torch.ones(n, 3, dtype=torch.int64),
+              "pixel_values": owner.float().unsqueeze(1).repeat(1, 5),  # each patch says which row owns it
+              "image_grid_thw": grid, "image_rows": torch.tensor(image_rows, dtype=torch.int64)}  # fmt: skip
+    chunks = [slice_rows(inputs, i, i + chunk) for i in range(0, n, chunk)]
+    for i, part in zip(range(0, n, chunk), chunks, strict=True):
+        rows = part["input_ids"][:, 0].tolist()
+        assert rows == list(range(i, min(i + chunk, n)))
+        assert (part["image_rows"] + i).tolist() == [r for r in rows if has_image[r]]
+        if "pixel_values" in part:
+            assert part["pixel_values"].shape[0] == int(part["image_grid_thw"].prod(-1).sum())
+            assert set(part["pixel_values"][:, 0].long().tolist()) == {r for r in rows if has_image[r]}
+        else:
+            assert not any(has_image[r] for r in rows)
+    with_images = [c for c in chunks if "pixel_values" in c]
+    if with_images:
+        torch.testing.assert_close(torch.cat([c["pixel_values"] for c in with_images]), inputs["pixel_values"])
+        torch.testing.assert_close(torch.cat([c["image_grid_thw"] for c in with_images]), grid)
+
+
+def test_chunked_embeddings_equal_the_full_batch(student):
+    inputs = student.tokenize(TEXTS, IMAGES)
+    with torch.no_grad():
+        full = student(inputs)
+        for size in (1, 2, 4):
+            chunked = torch.cat([student(slice_rows(inputs, i, i + size)) for i in range(0, len(TEXTS), size)])
+            torch.testing.assert_close(chunked, full, rtol=0, atol=1e-5)
+
+
+def test_an_image_s_pixels_change_its_row_s_embedding_only(student):
+    changed = list(IMAGES)
+    changed[2] = picture(99, 84, 56)  # same size, other pixels
+    with torch.no_grad():
+        before = student(student.tokenize(TEXTS, IMAGES))
+        after = student(student.tokenize(TEXTS, changed))
+    moved = (before - after).abs().amax(1)
+    assert moved[2] > 1e-3
+    torch.testing.assert_close(torch.cat([after[:2], after[3:]]), torch.cat([before[:2], before[3:]]), rtol=0, atol=1e-5)
+    with torch.no_grad():  # and the image is not ignored: the same text without it embeds otherwise
+        text_only = student(student.tokenize(TEXTS[:1], [None]))
+    assert (text_only[0] - before[0]).abs().max() > 1e-3
+
+
+def test_gradcache_gives_the_plain_gradients_with_images(student):
+    """GradCache in chunks of 2 rows (images of several patch counts split across chunks) gives the
+    plain loss and gradients; slicing pixel_values by row, as for text, would not."""
+    positives = ["a cat photo", "<|image_1|>", "an image of a tree", "a blue square", "<|image_1|> a dog", "text"]
+    positive_images = [None, picture(10), picture(11, 56, 84), None, picture(12), None]
+    item = {"query": student.tokenize(TEXTS, IMAGES), "positive": student.tokenize(positives, positive_images),
+            "groups": torch.arange(len(TEXTS))}  # fmt: skip
+    student.zero_grad()
+    plain_loss, _, _ = compute_gradients(student, InfoNCELoss(scale=20.0), item, None, 1)
+    plain = grads_of(student)
+    student.zero_grad()
+    cached_loss, _, _ = compute_gradients(student, InfoNCELoss(scale=20.0), item, 2, 1)
+    assert cached_loss == pytest.approx(plain_loss, rel=1e-5)
+    assert plain and all(g.abs().sum() > 0 for g in plain.values())
+    for name, grad in plain.items():
+        torch.testing.assert_close(grads_of(student)[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    student.zero_grad()
+
+
+def test_lora_on_a_vision_language_model_needs_its_targets_named(tiny_qwen2_vl_dir):
+    with pytest.raises(ValueError, match="training.lora.targetModules: peft has no default for 'qwen2_vl'"):
+        build_student(tiny_qwen2_vl_dir, "last_token", 32, LoraSpec())
+
+
+def test_lora_targets_the_language_model_only(student):
+    adapted = {n.split(".lora_A")[0] for n, p in student.named_parameters() if p.requires_grad and "lora_A" in n}
+    assert adapted and all(".language_model." in n for n in adapted)
+
+
+def test_a_text_student_refuses_images_and_embeds_text_as_before(tiny_model_dir):
+    text_student = build_student(tiny_model_dir, "mean", 32, LORA.model_copy(update={"target_modules": None}))
+    assert text_student.processor is None
+    assert set(text_student.tokenize(["a text"])) == {"input_ids", "token_type_ids", "attention_mask"}
+    with pytest.raises(ValueError, match="embeds text only"):
+        text_student.tokenize(["a text"], [picture(0)])
