@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from b3.data import Pairs, unique_texts
+from b3.data import Pairs
 from b3.spec import PromptsSpec
 
 METRICS = ("ndcg@10", "recall@1", "recall@10", "mrr@10")
@@ -105,17 +105,21 @@ class Ranks:
 
 
 def rank_encoder(encoder, pairs: Pairs, prompts: PromptsSpec | None = None) -> Ranks:
-    """Ranks of one encoder (anything with .encode(texts, desc)) on a split's pairs."""
-    unique, relevant = unique_texts(pairs.positives)
-    corpus = unique.tolist()
+    """Ranks of one encoder (anything with .encode(texts, desc, images)) on a split's pairs.
+    The corpus is the distinct positives (text and image), each query's relevant one its own."""
+    relevant = pairs.positive_group
+    first = np.unique(relevant, return_index=True)[1]  # group ids are in first-seen order
+    corpus = pairs.positives[first].tolist()
     queries = list(pairs.queries)
     if prompts is not None:
         queries = [prompts.for_task(t)[0] + q for t, q in zip(pairs.tasks, queries, strict=True)]
         # a positive shared by rows of several tasks takes the prompt of its first row
         first_task = {i: t for t, i in zip(pairs.tasks[::-1], relevant[::-1], strict=True)}
         corpus = [prompts.for_task(first_task[i])[1] + text for i, text in enumerate(corpus)]
-    q_emb = encoder.encode(queries, desc="eval queries")
-    c_emb = encoder.encode(corpus, desc="eval corpus")
+    images = (None if pairs.query_images is None else pairs.query_images.tolist(),
+              None if pairs.positive_images is None else pairs.positive_images[first].tolist())  # fmt: skip
+    q_emb = encoder.encode(queries, desc="eval queries", images=images[0])
+    c_emb = encoder.encode(corpus, desc="eval corpus", images=images[1])
     tasks = np.asarray(pairs.tasks, dtype=object)
     return Ranks(mixed=relevant_ranks(q_emb, c_emb, relevant),
                  task=task_ranks(q_emb, c_emb, relevant, tasks), tasks=tasks, corpus=len(corpus))  # fmt: skip

@@ -17,12 +17,12 @@ import os
 import torch
 from peft import LoraConfig, TaskType, get_peft_model
 from torch import nn
-from transformers import AutoModel, AutoProcessor, AutoTokenizer
+from transformers import AutoModel, AutoTokenizer
 
 from b3.model_source import resolve_model_path
 from b3.spec import LoraSpec
 from b3.teacher import ST_POOLING_KEYS, pool
-from b3.vision import encode_rows
+from b3.vision import encode_rows, vision_processor
 
 
 class EmbeddingModel(nn.Module):
@@ -105,16 +105,6 @@ def build_student(
     return EmbeddingModel(backbone, tokenizer, pooling, max_length, processor)
 
 
-def vision_processor(path: str):
-    """The model's processor when it takes images (its folder holds a processor with an image
-    processor; transformers 5 writes processor_config.json, earlier ones
-    preprocessor_config.json), else None: a text model."""
-    names = ("processor_config.json", "preprocessor_config.json")
-    if not os.path.isdir(path) or not any(os.path.exists(os.path.join(path, n)) for n in names):
-        return None
-    processor = AutoProcessor.from_pretrained(path)
-    return processor if getattr(processor, "image_processor", None) is not None else None
-
 
 def export_sentence_transformer(student: EmbeddingModel, folder: str, prompts: dict[str, str] | None = None) -> None:
     """Write a merged model folder: transformers weights + tokenizer + sentence-transformers
@@ -127,8 +117,9 @@ def export_sentence_transformer(student: EmbeddingModel, folder: str, prompts: d
 
         backbone = copy.deepcopy(backbone).merge_and_unload()
     backbone.save_pretrained(folder)
-    student.tokenizer.save_pretrained(folder)
-    dim = backbone.config.hidden_size
+    # a vision-language student's processor carries its tokenizer, image processor and limits
+    (student.processor or student.tokenizer).save_pretrained(folder)
+    dim = backbone.config.get_text_config().hidden_size
     pooling = {key: False for key in ST_POOLING_KEYS.values()}
     pooling[ST_POOLING_KEYS[student.pooling]] = True
     files = {

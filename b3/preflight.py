@@ -1,15 +1,17 @@
 """Checks before compute: everything a stage will load, read or write can be had, before it
 spends any compute on the rest.
 
-    rank       teacher.model resolves; the dataset opens with the named columns (no image
-               columns: the models embed text only so far); workDir writable
+    rank       teacher.model resolves; the dataset opens with the named columns; workDir writable
     partition  mining.partitioner is installed; workDir writable
     train      training.student resolves; the dataset opens; training.outputDir (or workDir) writable
     eval       teacher.model and training.student resolve; the dataset opens; workDir writable
 
 `check(job, stages)` runs the checks of every stage given and raises PreflightError (a
 DataError: exit 2) listing every problem at once, each naming its field and, for a model,
-every source that was tried (`b3.model_source`). `b3 run` checks all its stages before the
+every source that was tried (`b3.model_source`). A dataset with an image column needs models
+that take images (a processor with an image processor in the model's folder, `b3.vision`):
+the teacher where it ranks or is evaluated, the student where it trains or is evaluated; a text
+model is refused by name. `b3 run` checks all its stages before the
 first, each stage program its own, and `b3 validate --preflight` all of them with no compute.
 A folder is probed by writing (and removing) a file in it, once everything else passed, by the
 process that will write there (rank 0 of a training gang); the folders the probe had to make
@@ -32,6 +34,7 @@ from b3.model_source import Located, ModelNotFound, locate_model
 from b3.retry import retrying
 from b3.spec import B3Job
 from b3.storage import WorkDir
+from b3.vision import vision_processor
 
 STAGES = ("rank", "partition", "train", "eval")
 
@@ -83,14 +86,24 @@ def _dataset(report: Report, job: B3Job, evaluates: bool) -> None:
         require_columns(spec, dataset_columns(spec))
     except DataError as err:
         report.problems.append(f"dataset.uri: {err}")
-    for field_name, column in (("queryImage", spec.columns.query_image), ("positiveImage", spec.columns.positive_image)):
-        if column is not None:  # the images are read and decoded with the rows (b3.data)
-            report.problems.append(
-                f"dataset.columns.{field_name}: {column!r} holds images, and the teacher and the student "
-                "embed text only so far (b3 reads, checks and groups image rows; embedding them is not "
-                "built yet); unset it to train on the texts alone")  # fmt: skip
     if evaluates and spec.split is None:
         report.problems.append("dataset.split: not set, so there is no held-out split to evaluate on")
+
+
+def _models_take_images(report: Report, job: B3Job) -> None:
+    """With an image column, every model located for these stages must take images. A hub model
+    not downloaded yet cannot be looked into offline; its stage refuses it when it loads."""
+    columns = job.spec.dataset.columns
+    named = [f"dataset.columns.{name}: {column!r}" for name, column in
+             (("queryImage", columns.query_image), ("positiveImage", columns.positive_image)) if column]  # fmt: skip
+    if not named:
+        return
+    for field_name, located in report.models.items():
+        if located.source != "Hugging Face hub" and vision_processor(located.path) is None:
+            report.problems.append(
+                f"{field_name}: {located.path} embeds text only (its folder has no image processor), and "
+                f"{' and '.join(named)} {'hold' if len(named) > 1 else 'holds'} images: use a vision-language model (Qwen2-VL and its "
+                "successors), or unset the image columns to train on the texts alone")  # fmt: skip
 
 
 def _probe_folder(field_name: str, uri: str, created: list[str]) -> str | None:
@@ -138,6 +151,7 @@ def check(job: B3Job, stages: list[str] | tuple[str, ...]) -> Report:
         _model(report, "training.student", spec.training.student)
     if stages & {"rank", "train", "eval"}:
         _dataset(report, job, evaluates="eval" in stages)
+        _models_take_images(report, job)
     if "partition" in stages and spec.mining.partitioner == "kaminpar" and importlib.util.find_spec("kaminpar") is None:
         report.problems.append("mining.partitioner: kaminpar is not installed here (its wheels cover Linux and "
                                "macOS arm64): pip install kaminpar, or set mining.partitioner: metis")  # fmt: skip

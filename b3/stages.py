@@ -84,10 +84,9 @@ def rank_stage(job: B3Job) -> dict:
     else:
         queries, positives = _prompted(pairs, job)
         rs = spec.rank
-        q_emb = embed_texts(spec.teacher, queries, "embed queries", rs.workers, rs.gpus_per_worker)
-        p_emb = embed_texts(
-            spec.teacher, positives, "embed positives", rs.workers, rs.gpus_per_worker
-        )
+        q_emb = embed_texts(spec.teacher, queries, "embed queries", rs.workers, rs.gpus_per_worker, pairs.query_images)
+        p_emb = embed_texts(spec.teacher, positives, "embed positives", rs.workers, rs.gpus_per_worker,
+                            pairs.positive_images)  # fmt: skip
         artifacts.write_embeddings(pairs.ids, q_emb, p_emb)
         # rank on exactly what was stored, so the artifacts reproduce the ranking
         q_emb, p_emb = (

@@ -1,4 +1,5 @@
-"""Embedding texts with any Hugging Face encoder or decoder (the teacher, and later the student).
+"""Embedding texts with any Hugging Face encoder or decoder (the teacher, and later the student),
+and rows of text and image with a vision-language model (one with an image processor, `b3.vision`).
 
 Texts are sorted by token length and batched in that order, so a batch pads to the length of
 its own longest text rather than the corpus's; on real data this halves the work. Outputs are
@@ -12,9 +13,11 @@ import torch
 from transformers import AutoModel, AutoTokenizer
 
 from b3.data import unique_texts
+from b3.images import image_key, open_image
 from b3.model_source import resolve_model_path
 from b3.progress import progress
 from b3.raycluster import ensure_ray, use_ray
+from b3.vision import encode_rows, vision_processor
 
 
 def pick_device(device: str) -> torch.device:
@@ -84,7 +87,8 @@ class TextEncoder:
         self.device = pick_device(device)
         self.dtype = pick_dtype(dtype, self.device)
         path = resolve_model_path(model)
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.processor = vision_processor(path)  # None: the model embeds text only
+        self.tokenizer = self.processor.tokenizer if self.processor is not None else AutoTokenizer.from_pretrained(path)
         if self.tokenizer.pad_token is None:  # decoder models often ship without one
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.model = AutoModel.from_pretrained(path, dtype=self.dtype).to(self.device).eval()
@@ -94,16 +98,21 @@ class TextEncoder:
 
     @property
     def dim(self) -> int:
-        return self.model.config.hidden_size
+        return self.model.config.get_text_config().hidden_size  # a vision-language config keeps it in text_config
 
     @torch.inference_mode()
-    def encode(self, texts: list[str], desc: str = "embed") -> np.ndarray:
+    def encode(self, texts: list[str], desc: str = "embed", images: list | None = None) -> np.ndarray:
         """(len(texts), dim) float32, L2-normalised, in the order of `texts`. Every text is
         tokenised once, up front (the fast tokenizer's batch call); each batch is then only
-        padded, so the loop is the model's forward."""
+        padded, so the loop is the model's forward. `images`: each row's image cell (bytes or a
+        path, `b3.images`; None: no image), for a vision-language model."""
         out = np.empty((len(texts), self.dim), dtype=np.float32)
         if not texts:
             return out
+        if images is not None and any(image is not None for image in images):
+            if self.processor is None:
+                raise ValueError(f"{self.model.config.name_or_path} embeds text only: its folder has no image processor")
+            return self._encode_rows(list(texts), list(images), desc, out)
         encoded = self.tokenizer(list(texts), truncation=True, max_length=self.max_length,
                                  add_special_tokens=True, return_attention_mask=False)  # fmt: skip
         ids = encoded["input_ids"]
@@ -121,28 +130,58 @@ class TextEncoder:
                 bar.update(len(idx))
         return out
 
+    def _encode_rows(self, texts: list[str], images: list, desc: str, out: np.ndarray) -> np.ndarray:
+        """Rows of text and image through the processor, a batch at a time: each image is
+        decoded when its batch comes, so a large set's images never sit in memory together."""
+        order = np.argsort([-len(text) for text in texts], kind="stable")
+        with progress(len(texts), desc, unit="row") as bar:
+            for start in range(0, len(texts), self.batch_size):
+                idx = order[start : start + self.batch_size]
+                rows = encode_rows(self.processor, [texts[i] for i in idx],
+                                   [None if images[i] is None else open_image(images[i]) for i in idx], self.max_length)  # fmt: skip
+                batch = {k: v.to(self.device) for k, v in rows.items() if k != "image_rows"}
+                if "pixel_values" in batch:
+                    batch["pixel_values"] = batch["pixel_values"].to(self.dtype)
+                hidden = self.model(**batch).last_hidden_state  # (b, t, d)
+                emb = pool(hidden, batch["attention_mask"], self.pooling).float()  # (b, d)
+                out[idx] = torch.nn.functional.normalize(emb, dim=-1).cpu().numpy()
+                bar.update(len(idx))
+        return out
+
 
 def embed_texts(
-    spec, texts: np.ndarray, desc: str, workers: int = 1, gpus_per_worker: float = 0
+    spec, texts: np.ndarray, desc: str, workers: int = 1, gpus_per_worker: float = 0, images: np.ndarray | None = None
 ) -> np.ndarray:
-    """Embed row texts with the teacher described by `spec` (a TeacherSpec), deduplicated.
+    """Embed rows (their texts, and their image cells when `images` is given) with the teacher
+    described by `spec` (a TeacherSpec), each distinct row once.
 
-    One worker and no RAY_ADDRESS: in this process. Otherwise the distinct texts are split
+    One worker and no RAY_ADDRESS: in this process. Otherwise the distinct rows are split
     into `workers` shards, each embedded by a Ray task holding its own copy of the model.
     """
-    unique, inverse = unique_texts(texts)
+    if images is None:
+        unique, inverse = unique_texts(texts)
+        unique_images = None
+    else:  # a row is its text and its image
+        keys = [f"{text}\0{image_key(image) or ''}" for text, image in zip(texts, images, strict=True)]
+        _, inverse = unique_texts(keys)
+        first = np.unique(inverse, return_index=True)[1]  # ids are in first-seen order
+        unique, unique_images = np.asarray(texts, dtype=object)[first], np.asarray(images, dtype=object)[first]
     args = (spec.model, spec.pooling, spec.max_length, spec.batch_size, spec.dtype, spec.device)
+
+    def images_of(rows) -> list | None:
+        return None if unique_images is None else unique_images[rows].tolist()
+
     if not use_ray(workers):
-        return TextEncoder(*args).encode(unique.tolist(), desc=desc)[inverse]
+        return TextEncoder(*args).encode(unique.tolist(), desc=desc, images=images_of(slice(None)))[inverse]
     import ray
 
     ensure_ray(workers)
     device = "cuda" if gpus_per_worker > 0 else args[-1]
 
     @ray.remote(num_cpus=1, num_gpus=gpus_per_worker)
-    def shard(chunk: list[str]) -> np.ndarray:
-        return TextEncoder(*args[:-1], device=device).encode(chunk, desc=desc)
+    def shard(chunk: list[str], chunk_images: list | None) -> np.ndarray:
+        return TextEncoder(*args[:-1], device=device).encode(chunk, desc=desc, images=chunk_images)
 
     shards = np.array_split(np.arange(len(unique)), workers)
-    parts = ray.get([shard.remote(unique[s].tolist()) for s in shards])
+    parts = ray.get([shard.remote(unique[s].tolist(), images_of(s)) for s in shards])
     return np.concatenate(parts)[inverse]

@@ -41,6 +41,7 @@ from b3.batches import HardNegativeSampler
 from b3.data import DataError
 from b3.errors import TrainingError, TrainingStopped
 from b3.false_negatives import TeacherScoreFilter, TopPFilter
+from b3.images import open_image
 from b3.loss import CachedInfoNCELoss, InfoNCELoss
 from b3.metrics import TrainMetrics, linger_for_last_scrape
 from b3.mined import MinedRows
@@ -86,7 +87,9 @@ class EpochBatches(torch.utils.data.Dataset):
     """This process's tokenised slices of one epoch's global batches, from `start` on.
 
     Item i is global batch start+i: its local rows' queries and positives, and (B3++) the
-    local share of the batch's hard negatives. DataLoader workers tokenise ahead of the step.
+    local share of the batch's hard negatives. DataLoader workers tokenise ahead of the step,
+    and with image columns decode each row's image there too (`images`: the query and positive
+    image cells, each None without that column).
     """
 
     def __init__(
@@ -100,11 +103,12 @@ class EpochBatches(torch.utils.data.Dataset):
         tokenize,
         false_negatives=None,
         gathered: bool = True,
+        images=(None, None),
     ):
         self.batches = sampler.batches(epoch)[start:]
         self.false_negatives = false_negatives
         self.sampler, self.hard = sampler, hard
-        self.queries, self.positives = texts
+        self.texts, self.images = texts, images
         self.positive_group = positive_group
         self.epoch, self.start = epoch, start
         self.tokenize = tokenize
@@ -116,15 +120,12 @@ class EpochBatches(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict:
         batch = self.batches[i]
         rows = self.sampler.local(batch)
-        item = {
-            "query": self.tokenize([self.queries[r] for r in rows]),
-            "positive": self.tokenize([self.positives[r] for r in rows]),
-            "groups": torch.as_tensor(self.positive_group[rows]),
-        }
+        item = {"query": self._inputs(0, rows), "positive": self._inputs(1, rows),
+                "groups": torch.as_tensor(self.positive_group[rows])}  # fmt: skip
         if self.hard is not None:
             hard_rows = self.hard.sample(batch, self.epoch, self.start + i)
             negs = self.sampler.local(hard_rows)
-            item["hard"] = self.tokenize([self.positives[r] for r in negs])
+            item["hard"] = self._inputs(1, negs)
             item["hard_groups"] = torch.as_tensor(self.positive_group[negs])
         if self.false_negatives is not None:  # in the loss's column order: positives, then hard
             pos, neg = (batch, hard_rows if self.hard is not None else []) if self.gathered else (
@@ -132,6 +133,13 @@ class EpochBatches(torch.utils.data.Dataset):
             columns = np.concatenate([pos, neg]).astype(np.int64)
             item["mask"] = torch.as_tensor(self.false_negatives.mask(np.asarray(rows), columns))
         return item
+
+    def _inputs(self, side: int, rows) -> dict:
+        """The model input of one side (0: queries, 1: positives) of `rows`."""
+        texts, cells = [self.texts[side][r] for r in rows], self.images[side]
+        if cells is None:
+            return self.tokenize(texts)
+        return self.tokenize(texts, [None if cells[r] is None else open_image(cells[r]) for r in rows])
 
 
 def _to(item: dict, device: torch.device) -> dict:
@@ -297,6 +305,7 @@ class Trainer:
         spec, mining = self.spec, self.spec.mining
         rows = MinedRows.load(spec, self.work)
         self.texts = (rows.queries, rows.positives)
+        self.images = (rows.pairs.query_images, rows.pairs.positive_images)
         self.positive_group = rows.pairs.positive_group
         self.data_summary = {"rows": len(rows.pairs), "tasks": len(set(rows.pairs.tasks.tolist()))}
         self.sampler = rows.batch_sampler(spec, self.dist.rank, self.dist.world)
@@ -483,6 +492,7 @@ class Trainer:
                 self.student.tokenize,
                 self.false_negatives,
                 gathered=t.gather_across_devices,
+                images=self.images,
             )
             # its own generator: creating a loader must not draw from the global RNG, or a resumed
             # run would get other dropout masks than an uninterrupted one

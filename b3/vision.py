@@ -13,9 +13,24 @@ rows that own them (`image_rows`, kept beside the processor's outputs).
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 IMAGE_PLACEHOLDER = "<|image_1|>"  # MMEB / VLM2Vec: where a row's image goes in its text
+
+
+def vision_processor(path: str):
+    """The model's processor when it takes images (its folder holds a processor with an image
+    processor; transformers 5 writes processor_config.json, earlier ones
+    preprocessor_config.json), else None: a text model."""
+    names = ("processor_config.json", "preprocessor_config.json")
+    if not os.path.isdir(path) or not any(os.path.exists(os.path.join(path, n)) for n in names):
+        return None
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(path)
+    return processor if getattr(processor, "image_processor", None) is not None else None
 
 
 def image_prompt(processor) -> str:

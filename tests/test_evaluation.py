@@ -43,7 +43,7 @@ class LookupEncoder:
         self.table = table
         self.seen = []
 
-    def encode(self, texts, desc=""):
+    def encode(self, texts, desc="", images=None):
         self.seen.extend(texts)
         return np.stack([self.table[t] for t in texts])
 

@@ -135,13 +135,15 @@ def test_an_object_store_fault_while_reading_an_image_is_retried_not_called_bad_
     assert failures == [f"{folder}/img/red.png"]
 
 
-def test_image_columns_are_refused_before_compute_while_the_models_embed_text_only(folder):
+def test_image_columns_are_refused_before_compute_with_models_that_embed_text_only(folder):
     path = write(folder, {"id": ["a"], "query": ["q"], "query_image": ["img/red.png"], "positive": ["p"],
                           "positive_image": [None]})  # fmt: skip
     job = parse_manifest({"spec": {"dataset": {"uri": str(path), "columns": IMAGES}, "workDir": str(folder / "work")}})
     with pytest.raises(PreflightError) as info:
         check(job, ["rank", "train"])
-    assert "dataset.columns.queryImage: 'query_image' holds images" in str(info.value)
-    assert "dataset.columns.positiveImage" in str(info.value)
+    problems = info.value.problems
+    assert [p.split(":")[0] for p in problems] == ["teacher.model", "training.student"]  # rank ranks, train trains
+    assert all("embeds text only (its folder has no image processor), and dataset.columns.queryImage: 'query_image' "
+               "and dataset.columns.positiveImage: 'positive_image' hold images" in p for p in problems)  # fmt: skip
     assert not (folder / "work").exists()  # nothing written for a job refused
 

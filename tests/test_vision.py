@@ -3,7 +3,11 @@ GradCache chunks that carry exactly their rows' patches, and embeddings that see
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 from hypothesis import given, settings
@@ -150,3 +154,77 @@ def test_a_text_student_refuses_images_and_embeds_text_as_before(tiny_model_dir)
     assert set(text_student.tokenize(["a text"])) == {"input_ids", "token_type_ids", "attention_mask"}
     with pytest.raises(ValueError, match="embeds text only"):
         text_student.tokenize(["a text"], [picture(0)])
+
+
+# --- a job on image rows, end to end -------------------------------------------------------------
+
+COLORS = {"red": (220, 30, 30), "green": (30, 180, 60), "blue": (40, 60, 220), "yellow": (230, 210, 40)}
+SHAPES = ("square", "circle", "triangle")
+
+
+def drawing(color: str, shape: str, size: int) -> bytes:
+    from PIL import ImageDraw
+
+    image = Image.new("RGB", (56, 56), "white")
+    draw, box = ImageDraw.Draw(image), (28 - size, 28 - size, 28 + size, 28 + size)
+    {"square": draw.rectangle, "circle": draw.ellipse}.get(shape, lambda b, fill: draw.polygon(
+        [(b[0], b[3]), (b[2], b[3]), (28, b[1])], fill=fill))(box, fill=COLORS[color])  # fmt: skip
+    out = io.BytesIO()
+    image.save(out, format="PNG")
+    return out.getvalue()
+
+
+def image_text_pairs(folder) -> pa.Table:
+    """Two tasks as in MMEB: text -> image (positives as PNG bytes) and image -> text (queries as
+    files under the dataset's folder); 96 rows, split by drawing."""
+    (folder / "img").mkdir()
+    rows = {"id": [], "task": [], "source": [], "query": [], "query_image": [], "positive": [], "positive_image": []}
+    for i, (color, shape, size) in enumerate((c, s, z) for c in COLORS for s in SHAPES for z in (8, 12, 16, 20)):
+        for task in ("t2i", "i2t"):
+            name = f"{color} {shape} of size {size}"
+            rows["id"].append(f"{task}-{i}")
+            rows["task"].append(task)
+            rows["source"].append(f"drawing{i}")
+            if task == "t2i":
+                rows["query"] += [f"a {name}"]
+                rows["query_image"] += [None]
+                rows["positive"] += [""]
+                rows["positive_image"] += [{"bytes": drawing(color, shape, size), "path": None}]
+            else:
+                (folder / "img" / f"{i}.png").write_bytes(drawing(color, shape, size))
+                rows["query"] += ["<|image_1|> What is drawn here?"]
+                rows["query_image"] += [f"img/{i}.png"]
+                rows["positive"] += [f"a {name}"]
+                rows["positive_image"] += [None]
+    return pa.table(rows)
+
+
+def test_b3_run_mines_trains_and_evaluates_a_vision_language_student_on_image_rows(tmp_path, tiny_qwen2_vl_dir, capsys):
+    from conftest import write_manifest
+
+    from b3.cli import main
+    from b3.storage import WorkDir
+    from b3.teacher import TextEncoder
+
+    pq.write_table(image_text_pairs(tmp_path), tmp_path / "pairs.parquet")
+    model = {"model": tiny_qwen2_vl_dir, "pooling": "last_token", "maxLength": 32, "batchSize": 16}
+    spec = {"dataset": {"uri": "pairs.parquet", "split": {"key": "source"},
+                        "columns": {"task": "task", "id": "id", "queryImage": "query_image", "positiveImage": "positive_image"}},
+            "teacher": model,
+            "mining": {"p": 2, "m": 6, "clusterSize": 4, "batchSize": 8, "seed": 0},
+            "training": {"student": tiny_qwen2_vl_dir, "pooling": "last_token", "maxLength": 32, "steps": 3,
+                         "miniBatchSize": 4, "lora": {"targetModules": ["q_proj", "v_proj"]}},
+            "workDir": "work"}  # fmt: skip
+    assert main(["run", str(write_manifest(tmp_path, spec))]) == 0
+    out = capsys.readouterr().out
+    assert "train: done" in out and "student (trained)" in out
+    report = WorkDir(str(tmp_path / "work")).read_json("eval", "results.json")
+    test_rows = report["models"]["teacher"]["queries"]
+    assert set(report["models"]) == {"teacher", "student (untrained)", "student (trained)"}
+    assert report["models"]["teacher"]["corpus"] == test_rows  # every positive is distinct
+    # the exported model takes images: its processor is saved with it, and training moved it
+    final = str(tmp_path / "work" / "train" / "final" / "model")
+    image = drawing("red", "circle", 12)
+    trained = TextEncoder(final, pooling="last_token", max_length=32, dtype="float32").encode([""], images=[image])
+    untrained = TextEncoder(tiny_qwen2_vl_dir, pooling="last_token", max_length=32, dtype="float32").encode([""], images=[image])
+    assert trained.shape == untrained.shape and np.abs(trained - untrained).max() > 1e-4
