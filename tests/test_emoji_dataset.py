@@ -99,3 +99,35 @@ def test_b3_reads_the_set_with_its_image_columns_and_keeps_skin_tones_apart(tmp_
     assert len({pairs.positive_group[i] for i in tones}) == 2
     category = [i for i, t in enumerate(pairs.tasks) if t == "image-to-category"]
     assert len({pairs.positive_group[i] for i in category}) == 1  # one subgroup: one category text
+
+
+def test_the_emoji_example_runs_end_to_end_on_the_cpu(tmp_path, monkeypatch, capsys):
+    """`b3 run examples/emoji/tiny.yaml` as its first line says, from a copy of the repository's
+    layout: the whole set built from the packages, a tiny random Qwen2-VL, then rank, partition,
+    train (GradCache over image patches) and eval with both evaluations."""
+    import shutil
+
+    from b3.cli import main
+    from b3.storage import WorkDir
+
+    tiny = importlib.util.spec_from_file_location("tiny_qwen2_vl", ROOT / "examples" / "emoji" / "tiny_qwen2_vl.py")
+    tiny_qwen2_vl = importlib.util.module_from_spec(tiny)
+    tiny.loader.exec_module(tiny_qwen2_vl)
+    monkeypatch.chdir(tmp_path)
+    first_line = (ROOT / "examples" / "emoji" / "tiny.yaml").read_text().splitlines()[0]
+    assert first_line == ("# python examples/emoji/build_dataset.py --out runs/emoji && python "
+                          "examples/emoji/tiny_qwen2_vl.py --out runs/tiny-qwen2-vl && b3 run examples/emoji/tiny.yaml")  # fmt: skip
+    assert emoji_set.main(["--out", "runs/emoji"]) == 0
+    assert tiny_qwen2_vl.main(["--out", "runs/tiny-qwen2-vl"]) == 0
+    (tmp_path / "examples" / "emoji").mkdir(parents=True)
+    shutil.copy(ROOT / "examples" / "emoji" / "tiny.yaml", tmp_path / "examples" / "emoji")
+    assert main(["run", "examples/emoji/tiny.yaml"]) == 0
+    out = capsys.readouterr().out
+    assert "rank: done" in out and "partition: done" in out and "train: done" in out
+    rows = json.loads((tmp_path / "runs" / "emoji" / "emoji.json").read_text())["rows"]
+    report = WorkDir(str(tmp_path / "runs" / "emoji-tiny")).read_json("eval", "results.json")
+    trained = report["models"]["student (trained)"]
+    assert set(trained["per_task"]["tasks"]) == set(emoji_set.TASKS)
+    assert 0.05 * rows < trained["queries"] < 0.2 * rows  # the test bucket: one source in ten
+    assert 0 <= trained["ndcg@10"] <= 1 and 0 <= trained["per_task"]["micro"]["ndcg@10"] <= 1
+    assert (tmp_path / "runs" / "emoji-tiny" / "train" / "final" / "model" / "processor_config.json").exists()
