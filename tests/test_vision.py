@@ -29,12 +29,7 @@ def picture(seed: int, height: int = 56, width: int = 56) -> Image.Image:
 
 @pytest.fixture(scope="module")
 def student(tiny_qwen2_vl_dir):
-    model = build_student(tiny_qwen2_vl_dir, "last_token", 32, LORA)
-    torch.manual_seed(0)
-    for name, weight in model.named_parameters():  # LoRA's B starts at 0, which leaves A no gradient
-        if "lora_B" in name:
-            weight.data.normal_(0, 0.1)
-    return model.eval()  # no dropout: two forwards of the same rows are the same function
+    return _vision_student(tiny_qwen2_vl_dir)
 
 
 # rows of both kinds, images of different sizes (so of different patch counts) in between
@@ -122,9 +117,7 @@ def test_an_image_s_pixels_change_its_row_s_embedding_only(student):
 def test_gradcache_gives_the_plain_gradients_with_images(student):
     """GradCache in chunks of 2 rows (images of several patch counts split across chunks) gives the
     plain loss and gradients; slicing pixel_values by row, as for text, would not."""
-    positives = ["a cat photo", "<|image_1|>", "an image of a tree", "a blue square", "<|image_1|> a dog", "text"]
-    positive_images = [None, picture(10), picture(11, 56, 84), None, picture(12), None]
-    item = {"query": student.tokenize(TEXTS, IMAGES), "positive": student.tokenize(positives, positive_images),
+    item = {"query": student.tokenize(TEXTS, IMAGES), "positive": student.tokenize(POSITIVES, POSITIVE_IMAGES),
             "groups": torch.arange(len(TEXTS))}  # fmt: skip
     student.zero_grad()
     plain_loss, _, _ = compute_gradients(student, InfoNCELoss(scale=20.0), item, None, 1)
@@ -136,6 +129,58 @@ def test_gradcache_gives_the_plain_gradients_with_images(student):
     for name, grad in plain.items():
         torch.testing.assert_close(grads_of(student)[name], grad, rtol=1e-4, atol=1e-6, msg=name)
     student.zero_grad()
+
+
+def _vision_student(model_dir: str):
+    torch.manual_seed(0)  # the same LoRA weights in every process
+    model = build_student(model_dir, "last_token", 32, LORA)
+    for name, weight in model.named_parameters():  # LoRA's B starts at 0, which leaves A no gradient
+        if "lora_B" in name:
+            weight.data.normal_(0, 0.1)
+    return model.eval()  # no dropout: two forwards of the same rows are the same function
+
+
+POSITIVES = ["a cat photo", "<|image_1|>", "an image of a tree", "a blue square", "<|image_1|> a dog", "text"]
+POSITIVE_IMAGES = [None, picture(10), picture(11, 56, 84), None, picture(12), None]
+
+
+def _gloo_worker(rank: int, world: int, init_file, model_dir: str, out) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    student = _vision_student(model_dir)
+    rows = np.array_split(np.arange(len(TEXTS)), world)[rank].tolist()
+    item = {"query": student.tokenize([TEXTS[r] for r in rows], [IMAGES[r] for r in rows]),
+            "positive": student.tokenize([POSITIVES[r] for r in rows], [POSITIVE_IMAGES[r] for r in rows]),
+            "groups": torch.as_tensor(rows)}  # fmt: skip
+    loss, accuracy, _ = compute_gradients(student, InfoNCELoss(scale=20.0), item, 2, world)
+    if rank == 0:
+        torch.save({"grads": grads_of(student), "loss": loss, "accuracy": accuracy}, out)
+    dist.destroy_process_group()
+
+
+def test_two_gloo_processes_with_all_gather_give_the_single_process_gradients(tmp_path, tiny_qwen2_vl_dir):
+    """Each process embeds its half of the rows (their images only, in GradCache chunks), the loss
+    gathers every embedding: the averaged gradients are one process's on the whole batch."""
+    import multiprocessing as mp
+
+    student = _vision_student(tiny_qwen2_vl_dir)
+    item = {"query": student.tokenize(TEXTS, IMAGES), "positive": student.tokenize(POSITIVES, POSITIVE_IMAGES),
+            "groups": torch.arange(len(TEXTS))}  # fmt: skip
+    loss, accuracy, _ = compute_gradients(student, InfoNCELoss(scale=20.0), item, None, 1)
+    expected = grads_of(student)
+    ctx, out = mp.get_context("spawn"), tmp_path / "rank0.pt"
+    procs = [ctx.Process(target=_gloo_worker, args=(r, 2, tmp_path / "init", tiny_qwen2_vl_dir, out)) for r in range(2)]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(180)
+    assert [proc.exitcode for proc in procs] == [0, 0]
+    got = torch.load(out)
+    assert got["loss"] == pytest.approx(loss, rel=1e-5) and got["accuracy"] == pytest.approx(accuracy)
+    assert expected.keys() == got["grads"].keys() and all(g.abs().sum() > 0 for g in expected.values())
+    for name, grad in expected.items():
+        torch.testing.assert_close(got["grads"][name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_lora_on_a_vision_language_model_needs_its_targets_named(tiny_qwen2_vl_dir):
