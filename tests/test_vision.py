@@ -273,3 +273,48 @@ def test_b3_run_mines_trains_and_evaluates_a_vision_language_student_on_image_ro
     trained = TextEncoder(final, pooling="last_token", max_length=32, dtype="float32").encode([""], images=[image])
     untrained = TextEncoder(tiny_qwen2_vl_dir, pooling="last_token", max_length=32, dtype="float32").encode([""], images=[image])
     assert trained.shape == untrained.shape and np.abs(trained - untrained).max() > 1e-4
+
+
+def test_training_on_image_rows_killed_and_resumed_equals_straight_through(tmp_path, tiny_qwen2_vl_dir):
+    """SIGKILL the train stage right after its step-4 checkpoint; the rerun resumes there (its
+    loader workers decoding the same images in the same order) and ends with the weights of a
+    run that was never interrupted."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from conftest import write_manifest
+    from safetensors.torch import load_file
+
+    from b3.artifacts import Artifacts
+    from b3.cli import main
+    from b3.spec import load_manifest
+
+    pq.write_table(image_text_pairs(tmp_path), tmp_path / "pairs.parquet")
+    model = {"model": tiny_qwen2_vl_dir, "pooling": "last_token", "maxLength": 32, "batchSize": 16}
+    spec = {"dataset": {"uri": str(tmp_path / "pairs.parquet"),
+                        "columns": {"task": "task", "id": "id", "queryImage": "query_image", "positiveImage": "positive_image"}},
+            "teacher": model, "mining": {"p": 2, "m": 6, "clusterSize": 4, "batchSize": 8, "seed": 0},
+            "training": {"student": tiny_qwen2_vl_dir, "pooling": "last_token", "maxLength": 32, "steps": 8,
+                         "checkpointEvery": 4, "miniBatchSize": 4, "lora": {"targetModules": ["q_proj", "v_proj"]}}}  # fmt: skip
+    mined = write_manifest(tmp_path, {**spec, "workDir": str(tmp_path / "mined")}, "mine")
+    assert main(["rank", str(mined)]) == 0 and main(["partition", str(mined)]) == 0
+    runs = {}
+    for name in ("straight", "resumed"):
+        shutil.copytree(tmp_path / "mined", tmp_path / name)
+        runs[name] = str(write_manifest(tmp_path, {**spec, "workDir": str(tmp_path / name)}, name))
+
+    def train(manifest: str, **env) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "b3_jobs.train", manifest], capture_output=True, text=True,
+                              env={**os.environ, **env}, timeout=300)  # fmt: skip
+
+    assert train(runs["straight"]).returncode == 0
+    assert train(runs["resumed"], B3_FAULT_AT_STEP="4").returncode == -9
+    again = train(runs["resumed"])
+    assert again.returncode == 0 and "resumed from" in again.stderr and "step 4" in again.stderr, again.stderr[-2000:]
+    straight, resumed = (load_file(os.path.join(Artifacts(load_manifest(runs[name]).spec).checkpoint_root(), "step-0000008",
+                                                "adapter_model.safetensors")) for name in ("straight", "resumed"))  # fmt: skip
+    assert straight.keys() == resumed.keys() and straight
+    for name in straight:
+        torch.testing.assert_close(resumed[name], straight[name], rtol=1e-5, atol=1e-7, msg=name)
