@@ -183,7 +183,8 @@ def embed_command(model: str, input_path: str, output: str, batch_size: int,
     `SentenceTransformer(model).encode(texts, prompt_name=...)` would apply them."""
     import numpy as np
 
-    from b3.teacher import ST_POOLING_KEYS, TextEncoder
+    from b3.pooling import ST_POOLING_KEYS
+    from b3.teacher import TextEncoder
 
     modes = _st_config(model, os.path.join("1_Pooling", "config.json"))
     pooling = next((name for name, key in ST_POOLING_KEYS.items() if modes.get(key)), "mean")

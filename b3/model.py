@@ -20,9 +20,9 @@ from torch import nn
 from transformers import AutoModel, AutoTokenizer
 
 from b3.model_source import resolve_model_path
+from b3.pooling import ST_POOLING_KEYS, pool
 from b3.spec import LoraSpec
-from b3.teacher import ST_POOLING_KEYS, pool
-from b3.vision import encode_rows, vision_processor
+from b3.vision import embed_rows, embedding_dim, encode_rows, is_dual_encoder, vision_processor
 
 
 class EmbeddingModel(nn.Module):
@@ -59,10 +59,9 @@ class EmbeddingModel(nn.Module):
         on = self.autocast_dtype is not None
         device = inputs["input_ids"].device.type
         with torch.autocast(device, dtype=self.autocast_dtype or torch.float32, enabled=on):
-            if self.processor is None:
-                out = self.backbone(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
-            else:  # the pixels, patch grids and token kinds too; image_rows is b3's bookkeeping
-                out = self.backbone(**{k: v for k, v in inputs.items() if k != "image_rows"})
+            if self.processor is not None:  # images too (b3.vision)
+                return embed_rows(self.backbone, inputs, self.pooling)  # (b, d)
+            out = self.backbone(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
             pooled = pool(out.last_hidden_state, inputs["attention_mask"], self.pooling)  # (b, d)
         return nn.functional.normalize(pooled.float(), dim=-1)  # (b, d)
 
@@ -119,7 +118,9 @@ def export_sentence_transformer(student: EmbeddingModel, folder: str, prompts: d
     backbone.save_pretrained(folder)
     # a vision-language student's processor carries its tokenizer, image processor and limits
     (student.processor or student.tokenizer).save_pretrained(folder)
-    dim = backbone.config.get_text_config().hidden_size
+    if student.processor is not None and is_dual_encoder(student.processor):
+        return  # sentence-transformers reads a CLIP-style folder as it is, towers and processor
+    dim = embedding_dim(backbone.config, student.processor)
     pooling = {key: False for key in ST_POOLING_KEYS.values()}
     pooling[ST_POOLING_KEYS[student.pooling]] = True
     files = {

