@@ -37,7 +37,7 @@ import numpy as np
 import pyarrow as pa
 
 from b3.data import DataError, dataset_identity
-from b3.spec import B3JobSpec
+from b3.spec import B3JobSpec, DatasetSpec
 from b3.storage import WorkDir, fingerprint
 
 # Bump when a stage's outputs change meaning for the same inputs (a new algorithm, a new
@@ -80,6 +80,8 @@ def stage_reads(stage: str, spec: B3JobSpec) -> list[str]:
     """The spec fields (dotted camelCase paths) that `stage` reads, for this spec."""
     prompts = ["dataset.prompts"]
     if stage == "embed":
+        if spec.teacher.embeddings:  # read, not computed: no other teacher field matters
+            return _DATASET + ["teacher.embeddings"]
         return _DATASET + _TEACHER + (prompts if spec.teacher.use_prompts else [])
     if stage == "rank":
         return stage_reads("embed", spec) + _MINING_GROUPS
@@ -136,6 +138,8 @@ class Artifacts:
         record = stage_inputs(stage, self.spec)
         if stage in ("embed", "rank"):
             record["dataset file"] = self._dataset_identity
+            if self.spec.teacher.embeddings:  # an input file like the dataset: the same identity
+                record["teacher embeddings file"] = dataset_identity(DatasetSpec(uri=self.spec.teacher.embeddings))
         upstream = UPSTREAM.get(stage)
         if upstream is not None:
             record[f"{upstream} fingerprint"] = self.fingerprint(upstream)

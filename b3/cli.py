@@ -256,6 +256,8 @@ def eval_command(
     candidates = {"teacher": (spec.teacher.model, spec.teacher.pooling, spec.teacher.max_length,
                               prompts if spec.teacher.use_prompts else None),
                   "student (untrained)": (t.student, t.pooling, t.max_length, prompts)}  # fmt: skip
+    if spec.teacher.embeddings:  # the teacher's embeddings were made elsewhere: no model to score
+        del candidates["teacher"]
     trained = artifacts.trained_model()  # only a model trained with this spec
     if trained is not None:
         candidates["student (trained)"] = (trained, t.pooling, t.max_length, prompts)

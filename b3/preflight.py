@@ -1,7 +1,8 @@
 """Checks before compute: everything a stage will load, read or write can be had, before it
 spends any compute on the rest.
 
-    rank       teacher.model resolves; the dataset opens with the named columns; workDir writable
+    rank       teacher.model resolves (or teacher.embeddings is a file); the dataset opens with
+               the named columns; workDir writable
     partition  mining.partitioner is installed; workDir writable
     train      training.student resolves; the dataset opens; training.outputDir (or workDir) writable
     eval       teacher.model and training.student resolve; the dataset opens; workDir writable
@@ -33,7 +34,7 @@ from b3.data import DataError, dataset_columns, require_columns
 from b3.model_source import Located, ModelNotFound, locate_model
 from b3.retry import retrying
 from b3.spec import B3Job
-from b3.storage import WorkDir
+from b3.storage import WorkDir, resolve_filesystem
 from b3.vision import vision_processor
 
 STAGES = ("rank", "partition", "train", "eval")
@@ -88,6 +89,15 @@ def _dataset(report: Report, job: B3Job, evaluates: bool) -> None:
         report.problems.append(f"dataset.uri: {err}")
     if evaluates and spec.split is None:
         report.problems.append("dataset.split: not set, so there is no held-out split to evaluate on")
+
+
+def _embeddings_file(report: Report, uri: str) -> None:
+    """The precomputed teacher embeddings exist (their content is checked when the rank stage
+    reads them, against the rows, before it writes anything)."""
+    fs, path = resolve_filesystem(uri)
+    found = retrying(f"{uri}: stat", lambda: fs.get_file_info(path).type.name)
+    if found != "File":
+        report.problems.append(f"teacher.embeddings: {uri}: {'no such file' if found == 'NotFound' else 'not a file'}")
 
 
 def _models_take_images(report: Report, job: B3Job) -> None:
@@ -146,8 +156,10 @@ def check(job: B3Job, stages: list[str] | tuple[str, ...]) -> Report:
     """Run the checks of `stages` (of STAGES); PreflightError when any fails."""
     spec, stages = job.spec, set(stages)
     report = Report()
-    if stages & {"rank", "eval"}:
+    if stages & {"rank", "eval"} and not spec.teacher.embeddings:  # given embeddings: no teacher model runs
         _model(report, "teacher.model", spec.teacher.model)
+    if "rank" in stages and spec.teacher.embeddings:
+        _embeddings_file(report, spec.teacher.embeddings)
     if stages & {"train", "eval"}:
         _model(report, "training.student", spec.training.student)
     if stages & {"rank", "train", "eval"}:

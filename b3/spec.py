@@ -177,6 +177,15 @@ class TeacherSpec(_Model):
     use_prompts: bool = Field(
         False, description="Prefix the dataset prompts to the teacher's inputs too."
     )
+    embeddings: str | None = Field(
+        None,
+        min_length=1,
+        description="Precomputed teacher embeddings to mine with (a ranking made elsewhere: a GPU "
+        "job, VLM2Vec): a Parquet or Arrow IPC file (path or URI) with columns id, query and "
+        "positive (lists of floats, one length), a row for every training row, matched by "
+        "dataset id (the row number without an id column); other rows are ignored. The rank stage "
+        "then embeds nothing and the other teacher fields are unused; b3 eval scores no teacher.",
+    )
 
 
 class RankSpec(_Model):
@@ -653,6 +662,9 @@ def parse_manifest(doc: Any, base_dir: str | Path = ".") -> B3Job:
             "dataset": spec.dataset.model_copy(
                 update={"uri": _resolve_against(spec.dataset.uri, base),
                         "image_root": spec.dataset.image_root and _resolve_against(spec.dataset.image_root, base)}
+            ),
+            "teacher": spec.teacher.model_copy(
+                update={"embeddings": spec.teacher.embeddings and _resolve_against(spec.teacher.embeddings, base)}
             ),
             "work_dir": _resolve_against(spec.work_dir, base),
             "training": spec.training.model_copy(

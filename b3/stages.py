@@ -33,7 +33,7 @@ from b3.ranking import assign_mining_groups, clamp_window, rank_groups
 from b3.raycluster import use_ray
 from b3.spec import B3Job
 from b3.storage import WorkDir
-from b3.teacher import embed_texts, pick_device
+from b3.teacher import embed_texts, pick_device, read_teacher_embeddings
 
 log = logging.getLogger(__name__)
 LOG_GROUP_ROWS = 100_000  # groups this large log each step of their partition
@@ -77,16 +77,24 @@ def rank_stage(job: B3Job) -> dict:
     groups = assign_mining_groups(
         pairs.tasks, mining.per_task, mining.pool_below, mining.batch_size
     )
+    reuse = artifacts.embeddings_current()
+    given = None  # embeddings made elsewhere (a GPU job, VLM2Vec), checked before anything is written
+    if spec.teacher.embeddings and not reuse:
+        log.info("rank: reading the teacher's embeddings from %s", spec.teacher.embeddings)
+        given = read_teacher_embeddings(spec.teacher.embeddings, pairs.ids)
     artifacts.begin("rank")
-    if artifacts.embeddings_current():
+    if reuse:
         log.info("rank: reusing embeddings from %s", work.path("rank", "embeddings.arrow"))
         q_emb, p_emb = read_embeddings(work)
     else:
-        queries, positives = _prompted(pairs, job)
-        rs = spec.rank
-        q_emb = embed_texts(spec.teacher, queries, "embed queries", rs.workers, rs.gpus_per_worker, pairs.query_images)
-        p_emb = embed_texts(spec.teacher, positives, "embed positives", rs.workers, rs.gpus_per_worker,
-                            pairs.positive_images)  # fmt: skip
+        if given is not None:
+            q_emb, p_emb = given
+        else:
+            queries, positives = _prompted(pairs, job)
+            rs = spec.rank
+            q_emb = embed_texts(spec.teacher, queries, "embed queries", rs.workers, rs.gpus_per_worker, pairs.query_images)
+            p_emb = embed_texts(spec.teacher, positives, "embed positives", rs.workers, rs.gpus_per_worker,
+                                pairs.positive_images)  # fmt: skip
         artifacts.write_embeddings(pairs.ids, q_emb, p_emb)
         # rank on exactly what was stored, so the artifacts reproduce the ranking
         q_emb, p_emb = (

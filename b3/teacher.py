@@ -9,15 +9,22 @@ L2-normalised float32 in the caller's order.
 from __future__ import annotations
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.ipc as ipc
+import pyarrow.parquet as pq
 import torch
 from transformers import AutoModel, AutoTokenizer
 
-from b3.data import unique_texts
+from b3.data import DataError, unique_texts
+from b3.errors import TransientError
 from b3.images import image_key, open_image
 from b3.model_source import resolve_model_path
 from b3.pooling import pool
 from b3.progress import progress
 from b3.raycluster import ensure_ray, use_ray
+from b3.retry import is_transient, retrying
+from b3.storage import resolve_filesystem
 from b3.vision import embed_rows, embedding_dim, encode_rows, vision_processor
 
 
@@ -157,3 +164,65 @@ def embed_texts(
     shards = np.array_split(np.arange(len(unique)), workers)
     parts = ray.get([shard.remote(unique[s].tolist(), images_of(s)) for s in shards])
     return np.concatenate(parts)[inverse]
+
+
+def read_teacher_embeddings(uri: str, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(query, positive) L2-normalised float32 embeddings of the rows `ids`, from a file of
+    precomputed ones (`teacher.embeddings`: Parquet or Arrow IPC, columns id, query, positive).
+    DataError naming the problem when the file does not fit the dataset; a store's transient
+    fault is retried."""
+    where = f"teacher.embeddings {uri}"
+
+    def read() -> pa.Table:
+        fs, path = resolve_filesystem(uri)
+        if fs.get_file_info(path).type.name == "NotFound":
+            raise DataError(f"{where}: no such file")
+        with fs.open_input_file(path) as f:
+            if path.endswith((".arrow", ".feather", ".ipc")):
+                return ipc.open_file(f).read_all()
+            return pq.read_table(f)
+
+    try:
+        table = retrying(f"{where}: read", read)
+    except (DataError, TransientError):
+        raise
+    except (OSError, ValueError, pa.ArrowException) as err:
+        if is_transient(err):
+            raise
+        raise DataError(f"{where}: cannot read it as Parquet or Arrow IPC ({' '.join(str(err).split())[:300]})") from None
+    missing = [c for c in ("id", "query", "positive") if c not in table.column_names]
+    if missing:
+        raise DataError(f"{where}: missing column(s) {', '.join(map(repr, missing))} (it needs id, query and positive)")
+    file_ids = table.column("id").cast(pa.string()).to_pylist()
+    row_of = {}
+    for i, id_ in enumerate(file_ids):
+        if id_ in row_of:
+            raise DataError(f"{where}: id {id_!r} appears twice (rows {row_of[id_]} and {i})")
+        row_of[id_] = i
+    absent = [id_ for id_ in ids if id_ not in row_of]
+    if absent:
+        raise DataError(f"{where}: {len(absent)} of the {len(ids)} training rows have no embeddings, e.g. id "
+                        f"{', '.join(map(repr, absent[:3]))}")  # fmt: skip
+    rows = np.asarray([row_of[id_] for id_ in ids], dtype=np.int64)
+
+    def side(name: str) -> np.ndarray:
+        column = table.column(name).combine_chunks()
+        if not (pa.types.is_list(column.type) or pa.types.is_large_list(column.type)
+                or pa.types.is_fixed_size_list(column.type)) or not pa.types.is_floating(column.type.value_type):  # fmt: skip
+            raise DataError(f"{where}: column {name!r} is {column.type}, not lists of floats")
+        picked = column.take(pa.array(rows))
+        lengths = set(pc.list_value_length(picked).to_pylist())
+        if len(lengths) != 1 or 0 in lengths:
+            raise DataError(f"{where}: column {name!r} holds vectors of lengths {sorted(lengths)[:5]}; they need one length")
+        emb = picked.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(len(rows), -1)
+        norms = np.linalg.norm(emb, axis=1)
+        bad = np.flatnonzero(~np.isfinite(norms) | (norms == 0))
+        if len(bad):
+            raise DataError(f"{where}: {len(bad)} {name} vector(s) are zero or not finite, e.g. id {ids[bad[0]]!r}")
+        return emb / norms[:, None]
+
+    query, positive = side("query"), side("positive")
+    if query.shape[1] != positive.shape[1]:
+        raise DataError(f"{where}: query vectors have {query.shape[1]} dimensions, positive ones {positive.shape[1]}")
+    return query, positive
+

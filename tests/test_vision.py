@@ -317,7 +317,8 @@ def test_b3_run_mines_trains_and_evaluates_a_vision_language_student_on_image_ro
 def test_training_on_image_rows_killed_and_resumed_equals_straight_through(tmp_path, model_dir):
     """SIGKILL the train stage right after its step-4 checkpoint; the rerun resumes there (its
     loader workers decoding the same images in the same order) and ends with the weights of a
-    run that was never interrupted."""
+    run that was never interrupted. With B3++ hard negatives (positives with their images) and
+    the top-p false-negative mask, through GradCache."""
     import os
     import shutil
     import subprocess
@@ -334,8 +335,8 @@ def test_training_on_image_rows_killed_and_resumed_equals_straight_through(tmp_p
     model = {"model": model_dir, "pooling": "last_token", "maxLength": 32, "batchSize": 16}
     spec = {"dataset": {"uri": str(tmp_path / "pairs.parquet"),
                         "columns": {"task": "task", "id": "id", "queryImage": "query_image", "positiveImage": "positive_image"}},
-            "teacher": model, "mining": {"p": 2, "m": 6, "clusterSize": 4, "batchSize": 8, "seed": 0},
-            "training": {"student": model_dir, "pooling": "last_token", "maxLength": 32, "steps": 8,
+            "teacher": model, "mining": {"p": 2, "m": 6, "clusterSize": 4, "batchSize": 8, "seed": 0, "hardNegatives": 1},
+            "training": {"student": model_dir, "pooling": "last_token", "maxLength": 32, "steps": 8, "falseNegatives": "top-p",
                          "checkpointEvery": 4, "miniBatchSize": 4, "lora": {"targetModules": ["q_proj", "v_proj"]}}}  # fmt: skip
     mined = write_manifest(tmp_path, {**spec, "workDir": str(tmp_path / "mined")}, "mine")
     assert main(["rank", str(mined)]) == 0 and main(["partition", str(mined)]) == 0

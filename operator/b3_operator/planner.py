@@ -394,6 +394,7 @@ def _validate(name: str, spec: dict[str, Any]):
     parsed = parse_spec(spec)
     errors = [problem] if (problem := hostname_problem(name, parsed.training.nodes)) else []
     paths = [("spec.workDir", parsed.work_dir), ("spec.dataset.uri", parsed.dataset.uri),
+             ("spec.dataset.imageRoot", parsed.dataset.image_root), ("spec.teacher.embeddings", parsed.teacher.embeddings),
              ("spec.training.outputDir", parsed.training.output_dir)]  # fmt: skip
     for where, uri in paths:
         if uri is not None and "://" not in uri and not uri.startswith("/"):
