@@ -1,6 +1,7 @@
 """The student: a Hugging Face encoder, with LoRA adapters (peft) or all of its weights
-trained, that embeds texts, or, for a vision-language model (one whose folder holds an image
-processor: Qwen2-VL and its successors), rows of text, image or both (`b3.vision`).
+trained, that embeds texts, or, for a model that takes images (its folder holds a processor
+with an image processor: Qwen2-VL and its successors, CLIP-style dual encoders), rows of text,
+image or both (`b3.vision`).
 
 `build_student` loads any `AutoModel`, wraps it with LoRA when given a LoraSpec (target modules
 from peft's per-family table unless the spec names them; every other weight frozen) or leaves
@@ -102,7 +103,6 @@ def build_student(
                 f"models ({err}); name the modules, e.g. [q_proj, v_proj]"
             ) from None
     return EmbeddingModel(backbone, tokenizer, pooling, max_length, processor)
-
 
 
 def export_sentence_transformer(student: EmbeddingModel, folder: str, prompts: dict[str, str] | None = None) -> None:
