@@ -93,7 +93,8 @@ class TextEncoder:
         if self.processor is not None:  # a vision-language model: rows through its processor
             return self._encode_rows(list(texts), list(images or [None] * len(texts)), desc, out)
         if images is not None and any(image is not None for image in images):
-            raise ValueError(f"{self.model.config.name_or_path} embeds text only: its folder has no image processor")
+            raise DataError(f"{self.model.config.name_or_path} embeds text only (it has no image processor), and "
+                            "the rows have images")  # fmt: skip
         encoded = self.tokenizer(list(texts), truncation=True, max_length=self.max_length,
                                  add_special_tokens=True, return_attention_mask=False)  # fmt: skip
         ids = encoded["input_ids"]

@@ -278,10 +278,14 @@ class Trainer:
     def setup(self) -> None:
         self.init_distributed()
         self.artifacts.require("partition")  # DataError unless it was made for this spec
-        if self.dist.rank == 0:
-            self.artifacts.begin("train")
         self._setup_data()
         self.student = self._setup_model()
+        if self.student.processor is None and any(cells is not None for cells in self.images):
+            # preflight says so for a local model; a hub model is only known once it is loaded
+            raise DataError(f"training.student: {self.spec.training.student} embeds text only (it has no image "
+                            "processor), and the dataset has image columns")  # fmt: skip
+        if self.dist.rank == 0:  # only now: a job refused above leaves the last training's manifest
+            self.artifacts.begin("train")
         self.params = [p for p in self.student.parameters() if p.requires_grad]
         self.optimizer, self.scheduler = self._setup_optimizer(self.params, self.total_steps)
         self.loss_fn = InfoNCELoss(

@@ -358,3 +358,28 @@ def test_training_on_image_rows_killed_and_resumed_equals_straight_through(tmp_p
     assert straight.keys() == resumed.keys() and straight
     for name in straight:
         torch.testing.assert_close(resumed[name], straight[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_a_text_model_given_image_rows_is_bad_input_where_preflight_cannot_look(tmp_path, tiny_qwen2_vl_dir, tiny_model_dir):
+    """Preflight refuses a local text model by name; a hub model is only known once loaded, so the
+    teacher and the trainer refuse image rows for a text model themselves, as bad input (exit 2)."""
+    from conftest import write_manifest
+
+    from b3.cli import main
+    from b3.data import DataError
+    from b3.spec import load_manifest
+    from b3.teacher import TextEncoder
+    from b3.train import Dist, Trainer
+
+    with pytest.raises(DataError, match="embeds text only"):
+        TextEncoder(tiny_model_dir, max_length=32).encode(["a text"], images=[png_bytes(picture(0))])
+    pq.write_table(image_text_pairs(tmp_path), tmp_path / "pairs.parquet")
+    spec = {"dataset": {"uri": "pairs.parquet",
+                        "columns": {"task": "task", "id": "id", "queryImage": "query_image", "positiveImage": "positive_image"}},
+            "teacher": {"model": tiny_qwen2_vl_dir, "pooling": "last_token", "maxLength": 32},
+            "mining": {"p": 2, "m": 6, "clusterSize": 4, "batchSize": 8},
+            "training": {"student": tiny_model_dir, "steps": 1, "lora": {"targetModules": ["query", "value"]}}, "workDir": "work"}  # fmt: skip
+    manifest = write_manifest(tmp_path, spec)
+    assert main(["rank", str(manifest)]) == 0 and main(["partition", str(manifest)]) == 0
+    with pytest.raises(DataError, match=f"training.student: {tiny_model_dir} embeds text only"):
+        Trainer(load_manifest(manifest), Dist()).setup()
