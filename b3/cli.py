@@ -413,11 +413,15 @@ def _print_summary(job: B3Job, overrides: list[str]) -> None:
     split = f"bucket {s.dataset.split.test_bucket} of {s.dataset.split.buckets} by {s.dataset.split.key}" if s.dataset.split else "none"
     length = f"{t.steps} steps" if t.steps is not None else f"{t.epochs or 1} epoch(s)"
     lora = f"LoRA r={t.lora.r} alpha={t.lora.alpha} on {', '.join(t.lora.target_modules) if t.lora.target_modules else 'the family default'}"
+    images = "".join(f" {name}={column}" for name, column in (("queryImage", columns.query_image),
+                                                                ("positiveImage", columns.positive_image)) if column)  # fmt: skip
+    teacher = (f"embeddings from {s.teacher.embeddings} (no teacher model runs)" if s.teacher.embeddings
+               else f"{s.teacher.model} ({s.teacher.pooling} pooling, maxLength {s.teacher.max_length})")  # fmt: skip
     rows = [
         ("dataset", f"{s.dataset.uri} ({s.dataset.format}); query={columns.query} positive={columns.positive} "
-                    f"task={columns.task or '-'} id={columns.id or '-'}"),
+                    f"task={columns.task or '-'} id={columns.id or '-'}{images}"),
         ("test split", split),
-        ("teacher", f"{s.teacher.model} ({s.teacher.pooling} pooling, maxLength {s.teacher.max_length})"),
+        ("teacher", teacher),
         ("mining", f"p={m.p} m={m.m} clusterSize={m.cluster_size} batchSize={m.batch_size} edges={m.edges} "
                    f"perTask={str(m.per_task).lower()} mixTasks={str(m.mix_tasks).lower()} hardNegatives={m.hard_negatives}"),
         ("training", f"{t.student}: {t.sampler} batches, {length}, lr {t.learning_rate}, temperature {t.temperature}, "

@@ -178,6 +178,12 @@ def test_validate_prints_a_summary_or_the_resolved_spec(tmp_path, tiny_spec, cap
     resolved = json.loads(capsys.readouterr().out)
     assert resolved["spec"]["workDir"] == str(tmp_path / "work")
     assert load_manifest(tmp_path / "test-job.yaml").spec.mining.cluster_size == 4
+    given = {**tiny_spec, "teacher": {"embeddings": "emb.parquet"},
+             "dataset": {**tiny_spec["dataset"], "columns": {**tiny_spec["dataset"]["columns"], "queryImage": "image"}}}  # fmt: skip
+    assert run("validate", write_manifest(tmp_path, given)) == 0
+    summary = capsys.readouterr().out
+    assert f"teacher:    embeddings from {tmp_path / 'emb.parquet'} (no teacher model runs)" in summary
+    assert "id=id queryImage=image\n" in summary
 
 
 def test_overrides_change_the_spec_and_are_validated_like_the_manifest(tmp_path, tiny_spec, capsys):
