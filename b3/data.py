@@ -382,15 +382,16 @@ def load_pairs(spec: DatasetSpec, min_rows: int, split: str = "train") -> Pairs:
         queries=queries,
         positives=positives,
         tasks=tasks,
-        positive_group=unique_texts(_positive_keys(positives, positive_images))[1],
+        positive_group=unique_texts(side_keys(positives, positive_images))[1],
         held_out=int((~keep).sum()),
         query_images=query_images,
         positive_images=positive_images,
     )
 
 
-def _positive_keys(texts: np.ndarray, images: np.ndarray | None) -> np.ndarray:
-    """What makes two positives the same: the text, and the image when there are images."""
+def side_keys(texts: np.ndarray, images: np.ndarray | None) -> np.ndarray:
+    """What makes two rows' sides (two positives, two queries) the same: the text, and the image
+    when there are images."""
     if images is None:
         return texts
     return np.asarray([f"{text}\0{image_key(image) or ''}" for text, image in zip(texts, images, strict=True)],

@@ -16,9 +16,9 @@ import pyarrow.parquet as pq
 import torch
 from transformers import AutoModel, AutoTokenizer
 
-from b3.data import DataError, unique_texts
+from b3.data import DataError, side_keys, unique_texts
 from b3.errors import TransientError
-from b3.images import image_key, open_image
+from b3.images import open_image
 from b3.model_source import resolve_model_path
 from b3.pooling import pool
 from b3.progress import progress
@@ -142,8 +142,7 @@ def embed_texts(
         unique, inverse = unique_texts(texts)
         unique_images = None
     else:  # a row is its text and its image
-        keys = [f"{text}\0{image_key(image) or ''}" for text, image in zip(texts, images, strict=True)]
-        _, inverse = unique_texts(keys)
+        _, inverse = unique_texts(side_keys(texts, images))
         first = np.unique(inverse, return_index=True)[1]  # ids are in first-seen order
         unique, unique_images = np.asarray(texts, dtype=object)[first], np.asarray(images, dtype=object)[first]
     args = (spec.model, spec.pooling, spec.max_length, spec.batch_size, spec.dtype, spec.device)
