@@ -50,7 +50,7 @@ VERSIONS = {"embed": 1, "rank": 2, "partition": 2, "train": 2}
 # and the Kubernetes sections.
 _DATASET = ["dataset.uri", "dataset.format", "dataset.columns", "dataset.split", "dataset.imageRoot"]
 _TEACHER = ["teacher.model", "teacher.pooling", "teacher.maxLength", "teacher.dtype",
-            "teacher.usePrompts"]  # fmt: skip
+            "teacher.usePrompts", "teacher.minPixels", "teacher.maxPixels"]  # fmt: skip
 _MINING_GROUPS = ["mining.p", "mining.m", "mining.perTask", "mining.minTaskSize",
                   "mining.batchSize"]  # fmt: skip
 _PARTITION = ["mining.clusterSize", "mining.seed", "mining.edges", "mining.partitioner"]

@@ -252,34 +252,34 @@ def eval_command(
     artifacts = Artifacts(spec)
     t = spec.training
     prompts = spec.dataset.prompts
-    # name -> (model, pooling, max length, prompts)
+    # name -> (model, pooling, max length, prompts, pixel budget); given models embed as the student
+    teacher_pixels, student_pixels = (spec.teacher.min_pixels, spec.teacher.max_pixels), (t.min_pixels, t.max_pixels)
     candidates = {"teacher": (spec.teacher.model, spec.teacher.pooling, spec.teacher.max_length,
-                              prompts if spec.teacher.use_prompts else None),
-                  "student (untrained)": (t.student, t.pooling, t.max_length, prompts)}  # fmt: skip
+                              prompts if spec.teacher.use_prompts else None, teacher_pixels),
+                  "student (untrained)": (t.student, t.pooling, t.max_length, prompts, student_pixels)}  # fmt: skip
     if spec.teacher.embeddings:  # the teacher's embeddings were made elsewhere: no model to score
         del candidates["teacher"]
     trained = artifacts.trained_model()  # only a model trained with this spec
     if trained is not None:
-        candidates["student (trained)"] = (trained, t.pooling, t.max_length, prompts)
+        candidates["student (trained)"] = (trained, t.pooling, t.max_length, prompts, student_pixels)
     elif artifacts.out.exists("train", "final"):
         log.warning("eval: %s was trained with another spec or did not finish; not evaluated "
                     "(run `b3 train`)", artifacts.out.path("train", "final"))  # fmt: skip
     for entry in models:
         name, _, path = entry.rpartition("=")
-        candidates[name or path] = (path, t.pooling, t.max_length, prompts)
+        candidates[name or path] = (path, t.pooling, t.max_length, prompts, student_pixels)
     baseline = baseline or "student (untrained)"
     if baseline not in candidates:
         raise DataError(f"--baseline {baseline!r} is not one of the models: {', '.join(candidates)}")
     pairs = load_pairs(spec.dataset, min_rows=1, split="test")
     ranks, by_config, config_of = {}, {}, {}
     for name, config in candidates.items():
-        model, pooling, max_length, model_prompts = config
+        model, pooling, max_length, model_prompts, (min_pixels, max_pixels) = config
         no_prompts = model_prompts is None or model_prompts == type(model_prompts)()
-        key = (model, pooling, max_length, None if no_prompts else model_prompts.model_dump_json())
+        key = (model, pooling, max_length, None if no_prompts else model_prompts.model_dump_json(), min_pixels, max_pixels)
         if key not in by_config:  # e.g. the untrained student is the teacher: embed once
-            encoder = TextEncoder(
-                model, pooling=pooling, max_length=max_length, batch_size=spec.teacher.batch_size
-            )
+            encoder = TextEncoder(model, pooling=pooling, max_length=max_length, batch_size=spec.teacher.batch_size,
+                                  min_pixels=min_pixels, max_pixels=max_pixels)  # fmt: skip
             by_config[key] = rank_encoder(encoder, pairs, model_prompts)
         ranks[name], config_of[name] = by_config[key], key
     comparisons = {name: compare(ranks[baseline], r) for name, r in ranks.items()

@@ -12,6 +12,7 @@ weights and writes a folder that both `transformers` and `sentence-transformers`
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 
@@ -20,10 +21,19 @@ from peft import LoraConfig, TaskType, get_peft_model
 from torch import nn
 from transformers import AutoModel, AutoTokenizer
 
+from b3.data import DataError
 from b3.model_source import resolve_model_path
 from b3.pooling import ST_POOLING_KEYS, pool
 from b3.spec import LoraSpec
-from b3.vision import embed_rows, embedding_dim, encode_rows, is_dual_encoder, vision_processor
+from b3.vision import (
+    chat_template,
+    embed_rows,
+    embedding_dim,
+    encode_rows,
+    image_tokens,
+    is_dual_encoder,
+    vision_processor,
+)
 
 
 class EmbeddingModel(nn.Module):
@@ -73,11 +83,14 @@ def build_student(
     max_length: int,
     lora: LoraSpec | None,
     gradient_checkpointing: bool = False,
+    min_pixels: int | None = None,
+    max_pixels: int | None = None,
 ) -> EmbeddingModel:
     """Load the student; with `lora`, add LoRA adapters (all other weights frozen), without it
-    every weight trains (full fine-tuning)."""
+    every weight trains (full fine-tuning). `min_pixels` / `max_pixels`: the pixel budget of
+    each image (a vision-language decoder's; None: its processor's own)."""
     path = resolve_model_path(model)
-    processor = vision_processor(path)
+    processor = vision_processor(path, min_pixels, max_pixels)
     tokenizer = processor.tokenizer if processor is not None else AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -98,7 +111,7 @@ def build_student(
         try:
             backbone = get_peft_model(backbone, config)
         except ValueError as err:
-            raise ValueError(
+            raise DataError(
                 f"training.lora.targetModules: peft has no default for {backbone.config.model_type!r} "
                 f"models ({err}); name the modules, e.g. [q_proj, v_proj]"
             ) from None
@@ -106,20 +119,40 @@ def build_student(
 
 
 def export_sentence_transformer(student: EmbeddingModel, folder: str, prompts: dict[str, str] | None = None) -> None:
-    """Write a merged model folder: transformers weights + tokenizer + sentence-transformers
-    modules (Transformer -> Pooling -> Normalize), so `SentenceTransformer(folder)` embeds
-    exactly like the trained student; with the training `prompts` (sentence-transformers
-    names: `query`, `document`, ...), which `encode_query` / `encode_document` apply."""
+    """Write a merged model folder: transformers weights + tokenizer (or processor) +
+    sentence-transformers modules (Transformer -> Pooling -> Normalize), so
+    `SentenceTransformer(folder)` embeds exactly like the trained student; with the training
+    `prompts` (sentence-transformers names: `query`, `document`, ...), which `encode_query` /
+    `encode_document` apply.
+
+    A vision-language decoder's folder also holds the chat template that renders a row as
+    training wrote it (`b3.vision.chat_template`), and its Transformer module takes text, images
+    and messages of both (sentence-transformers with `modality_config`, 6.x): a row's image
+    prompt, its prompt and its text reach the model as in training. sentence-transformers cuts a
+    row at `max_seq_length` tokens in all (set so that an image's tokens are never cut), b3 cut
+    the text at maxLength: rows whose text was longer embed differently. A CLIP-style folder
+    needs no modules: sentence-transformers reads it as it is."""
     backbone = student.backbone
     if hasattr(backbone, "merge_and_unload"):
-        import copy
-
         backbone = copy.deepcopy(backbone).merge_and_unload()
     backbone.save_pretrained(folder)
-    # a vision-language student's processor carries its tokenizer, image processor and limits
-    (student.processor or student.tokenizer).save_pretrained(folder)
-    if student.processor is not None and is_dual_encoder(student.processor):
-        return  # sentence-transformers reads a CLIP-style folder as it is, towers and processor
+    processor = student.processor  # carries the tokenizer, the image processor and its pixel budget
+    if processor is not None and is_dual_encoder(processor):
+        processor.save_pretrained(folder)
+        return
+    transformer = {"max_seq_length": student.max_length, "do_lower_case": False}
+    if processor is not None:
+        processor = copy.copy(processor)  # the student's own stays as it was
+        processor.chat_template = chat_template(processor)
+        special = len(processor.tokenizer("", add_special_tokens=True)["input_ids"])
+        modality = {"method": "forward", "method_output_name": "last_hidden_state"}
+        transformer = {
+            "transformer_task": "feature-extraction",
+            "modality_config": {"text": modality, "image": modality, "message": {**modality, "format": "structured"}},
+            "module_output_name": "token_embeddings",
+            "max_seq_length": student.max_length + special + image_tokens(processor),
+        }
+    (processor or student.tokenizer).save_pretrained(folder)
     dim = embedding_dim(backbone.config, student.processor)
     pooling = {key: False for key in ST_POOLING_KEYS.values()}
     pooling[ST_POOLING_KEYS[student.pooling]] = True
@@ -139,7 +172,7 @@ def export_sentence_transformer(student: EmbeddingModel, folder: str, prompts: d
                 "type": "sentence_transformers.models.Normalize",
             },
         ],
-        "sentence_bert_config.json": {"max_seq_length": student.max_length, "do_lower_case": False},
+        "sentence_bert_config.json": transformer,
         "1_Pooling/config.json": {"word_embedding_dimension": dim, **pooling},
         "config_sentence_transformers.json": {
             "model_type": "SentenceTransformer", "prompts": dict(prompts or {}),

@@ -12,7 +12,9 @@ DataError: exit 2) listing every problem at once, each naming its field and, for
 every source that was tried (`b3.model_source`). A dataset with an image column needs models
 that take images (a processor with an image processor in the model's folder, `b3.vision`):
 the teacher where it ranks or is evaluated, the student where it trains or is evaluated; a text
-model is refused by name. `b3 run` checks all its stages before the
+model is refused by name. So are `minPixels` / `maxPixels` for a model without a pixel budget
+(a text model, CLIP), and LoRA without `training.lora.targetModules` on a model family peft has
+no default targets for (Qwen2-VL). `b3 run` checks all its stages before the
 first, each stage program its own, and `b3 validate --preflight` all of them with no compute.
 A folder is probed by writing (and removing) a file in it, once everything else passed, by the
 process that will write there (rank 0 of a training gang); the folders the probe had to make
@@ -35,7 +37,7 @@ from b3.model_source import Located, ModelNotFound, locate_model
 from b3.retry import retrying
 from b3.spec import B3Job
 from b3.storage import WorkDir, resolve_filesystem
-from b3.vision import vision_processor
+from b3.vision import pixel_budget, vision_processor
 
 STAGES = ("rank", "partition", "train", "eval")
 
@@ -117,6 +119,36 @@ def _models_take_images(report: Report, job: B3Job) -> None:
                 "the image columns to train on the texts alone")  # fmt: skip
 
 
+def _pixel_limits(report: Report, job: B3Job) -> None:
+    """minPixels / maxPixels only for a located model that sizes images by a pixel budget."""
+    spec = job.spec
+    for field_name, settings in (("teacher.model", spec.teacher), ("training.student", spec.training)):
+        located = report.models.get(field_name)
+        limits = [name for name, value in (("minPixels", settings.min_pixels), ("maxPixels", settings.max_pixels)) if value]
+        if not limits or located is None or located.source == "Hugging Face hub":
+            continue
+        if pixel_budget(vision_processor(located.path)) is None:
+            section = field_name.split(".")[0]
+            report.problems.append(f"{section}.{limits[0]}: {located.path} has no pixel budget to set (it embeds text "
+                                   "only or resizes images to a fixed shape); minPixels and maxPixels apply to "
+                                   "models that size images by one (Qwen2-VL and its successors): unset them")  # fmt: skip
+
+
+def _lora_targets(report: Report, job: B3Job) -> None:
+    """LoRA needs its target modules named where peft has no default for the student's family."""
+    from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as DEFAULTS
+    from transformers import AutoConfig
+
+    t = job.spec.training
+    located = report.models.get("training.student")
+    if t.finetuning != "lora" or t.lora.target_modules or located is None or located.source == "Hugging Face hub":
+        return
+    family = AutoConfig.from_pretrained(located.path).model_type
+    if family not in DEFAULTS:
+        report.problems.append(f"training.lora.targetModules: peft has no default for {family!r} models "
+                               f"({located.path}); name the modules, e.g. [q_proj, v_proj]")  # fmt: skip
+
+
 def _probe_folder(field_name: str, uri: str, created: list[str]) -> str | None:
     """Why nothing can be written under `uri` (None when a file can be). Folders made on the
     way are appended to `created`, parents first."""
@@ -162,9 +194,12 @@ def check(job: B3Job, stages: list[str] | tuple[str, ...]) -> Report:
         _embeddings_file(report, spec.teacher.embeddings)
     if stages & {"train", "eval"}:
         _model(report, "training.student", spec.training.student)
+    if "train" in stages:
+        _lora_targets(report, job)
     if stages & {"rank", "train", "eval"}:
         _dataset(report, job, evaluates="eval" in stages)
         _models_take_images(report, job)
+        _pixel_limits(report, job)
     if "partition" in stages and spec.mining.partitioner == "kaminpar" and importlib.util.find_spec("kaminpar") is None:
         report.problems.append("mining.partitioner: kaminpar is not installed here (its wheels cover Linux and "
                                "macOS arm64): pip install kaminpar, or set mining.partitioner: metis")  # fmt: skip

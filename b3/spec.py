@@ -157,6 +157,23 @@ class DatasetSpec(_Model):
 Pooling = Literal["mean", "cls", "last_token"]
 
 
+def _pixels(bound: str, what: str) -> Any:
+    """minPixels / maxPixels of a model that takes images (the teacher's, the student's)."""
+    return Field(
+        None,
+        ge=1,
+        description=f"{bound} pixels an image is resized to before the model sees it, for models that size "
+        f"images by a pixel budget (Qwen2-VL and its successors; Qwen2-VL makes a token of each 28 x 28 pixels), {what}. "
+        "Absent: the model's processor's own. Refused for text models and fixed-size ones (CLIP).",
+    )
+
+
+def _pixel_bounds_problem(low: int | None, high: int | None) -> str | None:
+    if low is not None and high is not None and low > high:
+        return f"minPixels ({low}) must not exceed maxPixels ({high})"
+    return None
+
+
 class TeacherSpec(_Model):
     model: str = Field(
         "sentence-transformers/all-MiniLM-L6-v2",
@@ -186,6 +203,14 @@ class TeacherSpec(_Model):
         "dataset id (the row number without an id column); other rows are ignored. The rank stage "
         "then embeds nothing and the other teacher fields are unused; b3 eval scores no teacher.",
     )
+    min_pixels: int | None = _pixels("Fewest", "so small images keep detail")
+    max_pixels: int | None = _pixels("Most", "which bounds each image's tokens (memory and time)")
+
+    @model_validator(mode="after")
+    def _pixel_bounds(self) -> TeacherSpec:
+        if problem := _pixel_bounds_problem(self.min_pixels, self.max_pixels):
+            raise ValueError(problem)
+        return self
 
 
 class RankSpec(_Model):
@@ -302,6 +327,8 @@ class TrainingSpec(_Model):
     )
     pooling: Pooling = Field("mean", description="How token states become one embedding.")
     max_length: int = Field(128, ge=8, le=32768, description="Tokens per text.")
+    min_pixels: int | None = _pixels("Fewest", "so small images keep detail")
+    max_pixels: int | None = _pixels("Most", "which bounds each image's tokens (memory and time)")
     sampler: Literal["b3", "random"] = Field(
         "b3", description="b3: mined batches; random: the baseline with the same batch size."
     )
@@ -354,6 +381,8 @@ class TrainingSpec(_Model):
     def _consistent(self) -> TrainingSpec:
         if self.steps is not None and self.epochs is not None:
             raise ValueError("give steps or epochs, not both")
+        if problem := _pixel_bounds_problem(self.min_pixels, self.max_pixels):
+            raise ValueError(problem)
         if self.finetuning == "full" and self.lora != LoraSpec():  # (a resolved spec has the default)
             raise ValueError("training.lora is set, but training.finetuning is full (every weight "
                              "trains, no adapters): remove training.lora, or set finetuning: lora")  # fmt: skip

@@ -54,6 +54,8 @@ class TextEncoder:
         batch_size: texts per forward pass.
         dtype: "auto", "float32", "float16" or "bfloat16".
         device: "auto", "cpu" or "cuda".
+        min_pixels, max_pixels: the pixel budget of each image (a vision-language decoder's;
+            None: its processor's own).
     """
 
     def __init__(
@@ -64,11 +66,13 @@ class TextEncoder:
         batch_size: int = 64,
         dtype: str = "auto",
         device: str = "auto",
+        min_pixels: int | None = None,
+        max_pixels: int | None = None,
     ):
         self.device = pick_device(device)
         self.dtype = pick_dtype(dtype, self.device)
         path = resolve_model_path(model)
-        self.processor = vision_processor(path)  # None: the model embeds text only
+        self.processor = vision_processor(path, min_pixels, max_pixels)  # None: the model embeds text only
         self.tokenizer = self.processor.tokenizer if self.processor is not None else AutoTokenizer.from_pretrained(path)
         if self.tokenizer.pad_token is None:  # decoder models often ship without one
             self.tokenizer.pad_token = self.tokenizer.eos_token
@@ -146,12 +150,13 @@ def embed_texts(
         first = np.unique(inverse, return_index=True)[1]  # ids are in first-seen order
         unique, unique_images = np.asarray(texts, dtype=object)[first], np.asarray(images, dtype=object)[first]
     args = (spec.model, spec.pooling, spec.max_length, spec.batch_size, spec.dtype, spec.device)
+    pixels = {"min_pixels": spec.min_pixels, "max_pixels": spec.max_pixels}
 
     def images_of(rows) -> list | None:
         return None if unique_images is None else unique_images[rows].tolist()
 
     if not use_ray(workers):
-        return TextEncoder(*args).encode(unique.tolist(), desc=desc, images=images_of(slice(None)))[inverse]
+        return TextEncoder(*args, **pixels).encode(unique.tolist(), desc=desc, images=images_of(slice(None)))[inverse]
     import ray
 
     ensure_ray(workers)
@@ -159,7 +164,7 @@ def embed_texts(
 
     @ray.remote(num_cpus=1, num_gpus=gpus_per_worker)
     def shard(chunk: list[str], chunk_images: list | None) -> np.ndarray:
-        return TextEncoder(*args[:-1], device=device).encode(chunk, desc=desc, images=chunk_images)
+        return TextEncoder(*args[:-1], device=device, **pixels).encode(chunk, desc=desc, images=chunk_images)
 
     shards = np.array_split(np.arange(len(unique)), workers)
     parts = ray.get([shard.remote(unique[s].tolist(), images_of(s)) for s in shards])

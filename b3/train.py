@@ -334,7 +334,8 @@ class Trainer:
         t = self.spec.training
         torch.manual_seed(self.spec.mining.seed)  # same LoRA init on every process
         lora = t.lora if t.finetuning == "lora" else None  # None: every weight trains
-        student = build_student(t.student, t.pooling, t.max_length, lora, t.gradient_checkpointing)
+        student = build_student(t.student, t.pooling, t.max_length, lora, t.gradient_checkpointing,
+                                t.min_pixels, t.max_pixels)
         if self.device.type == "cuda" and torch.cuda.is_bf16_supported():
             student.autocast_dtype = torch.bfloat16  # fp32 master weights, bf16 compute
         return student.to(self.device).train()

@@ -22,28 +22,79 @@ patches by the rows that own them (`image_rows`, kept beside the processor's out
 
 from __future__ import annotations
 
+import json
 import os
 
 import torch
 import torch.nn.functional as F
 
+from b3.data import DataError
 from b3.pooling import pool
 
 IMAGE_PLACEHOLDER = "<|image_1|>"  # MMEB / VLM2Vec: where a row's image goes in its text
 BOOKKEEPING = ("image_rows", "text_rows")  # b3's, not the model's inputs
 
 
-def vision_processor(path: str):
+def vision_processor(path: str, min_pixels: int | None = None, max_pixels: int | None = None):
     """The model's processor when it takes images (its folder holds a processor with an image
     processor; transformers 5 writes processor_config.json, earlier ones
-    preprocessor_config.json), else None: a text model."""
+    preprocessor_config.json), else None: a text model. `min_pixels` / `max_pixels` replace the
+    image processor's pixel budget (`set_pixel_limits`; DataError naming the model where it has
+    none)."""
     names = ("processor_config.json", "preprocessor_config.json")
     if not os.path.isdir(path) or not any(os.path.exists(os.path.join(path, n)) for n in names):
-        return None
-    from transformers import AutoProcessor
+        processor = None
+    else:
+        from transformers import AutoProcessor
 
-    processor = AutoProcessor.from_pretrained(path)
-    return processor if getattr(processor, "image_processor", None) is not None else None
+        processor = AutoProcessor.from_pretrained(path)
+        processor = processor if getattr(processor, "image_processor", None) is not None else None
+    if min_pixels is not None or max_pixels is not None:
+        try:
+            set_pixel_limits(processor, min_pixels, max_pixels)
+        except ValueError as err:
+            raise DataError(f"{path}: {err}") from None
+    return processor
+
+
+def pixel_budget(processor) -> tuple[int, int] | None:
+    """(min_pixels, max_pixels) an image is resized into, for an image processor that sizes
+    images by a pixel budget (Qwen2-VL and its successors: each merged patch of
+    (patch_size x merge_size)^2 pixels is one image token); None for one that resizes to a fixed
+    shape (CLIP) or a model without images."""
+    images = getattr(processor, "image_processor", None)
+    size = getattr(images, "size", None)
+    if getattr(images, "merge_size", None) is None or size is None:
+        return None
+    low, high = size.get("shortest_edge"), size.get("longest_edge")
+    return None if low is None or high is None else (int(low), int(high))
+
+
+def set_pixel_limits(processor, min_pixels: int | None, max_pixels: int | None) -> None:
+    """Resize images into [min_pixels, max_pixels] (None keeps the processor's own bound);
+    ValueError naming the reason where the model has no pixel budget or the bounds cross."""
+    budget = pixel_budget(processor)
+    if budget is None:
+        kind = "embeds text only" if processor is None else "resizes images to a fixed shape"
+        raise ValueError(f"the model {kind}: minPixels and maxPixels apply to models that size images by "
+                         "a pixel budget (Qwen2-VL and its successors)")  # fmt: skip
+    low = budget[0] if min_pixels is None else min_pixels
+    high = budget[1] if max_pixels is None else max_pixels
+    if low > high:
+        raise ValueError(f"minPixels ({low}) exceeds maxPixels ({high})")
+    processor.image_processor.size = processor.image_processor.size | {"shortest_edge": low, "longest_edge": high}
+
+
+def image_tokens(processor) -> int:
+    """The most tokens one image can take in a vision-language decoder's input: its prompt's
+    markers plus one token per merged patch of the largest image the pixel budget allows (a
+    dual encoder's images take none)."""
+    budget = pixel_budget(processor)
+    if budget is None:
+        return 0
+    images = processor.image_processor
+    markers = len(processor.tokenizer(image_prompt(processor), add_special_tokens=False)["input_ids"]) - 1
+    return markers + budget[1] // (images.patch_size * images.merge_size) ** 2
 
 
 def is_dual_encoder(processor) -> bool:
@@ -90,6 +141,28 @@ def encode_rows(processor, texts: list[str], images: list, max_length: int) -> d
     if dual:
         out["text_rows"] = torch.tensor([bool(p) for p in prompts])
     return out
+
+
+def chat_template(processor) -> str:
+    """A Jinja chat template that renders a row's messages as `encode_rows` writes the row's
+    text, so that a library building its inputs through the processor's chat template
+    (sentence-transformers) gives the model what training gave it: the image prompt once per
+    image, first, then every message's text joined in order (a system message holds
+    sentence-transformers' prompt, which b3 prefixes to the text), the `<|image_1|>`
+    placeholder dropped and the whole stripped. The processor adds its special tokens after
+    rendering, as it does to `encode_rows`' texts. Text is not truncated here."""
+    literal = json.dumps  # a JSON string is a Jinja string literal
+    return (
+        "{%- set ns = namespace(text='') -%}"
+        "{%- for message in messages -%}"
+        "{%- if message.content is string -%}{%- set ns.text = ns.text + message.content -%}"
+        "{%- else -%}{%- for part in message.content -%}"
+        f"{{%- if part.type == 'image' -%}}{{{{- {literal(image_prompt(processor))} -}}}}"
+        "{%- elif part.type == 'text' -%}{%- set ns.text = ns.text + part.text -%}{%- endif -%}"
+        "{%- endfor -%}{%- endif -%}"
+        "{%- endfor -%}"
+        f"{{{{- ns.text | replace({literal(IMAGE_PLACEHOLDER)}, '') | trim -}}}}"
+    )
 
 
 def slice_rows(inputs: dict[str, torch.Tensor], start: int, stop: int) -> dict[str, torch.Tensor]:

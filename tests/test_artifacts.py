@@ -31,12 +31,14 @@ CHANGES = {
     "teacher.model": "other/model", "teacher.pooling": "cls", "teacher.maxLength": 64,
     "teacher.batchSize": 8, "teacher.dtype": "float32", "teacher.device": "cpu",
     "teacher.usePrompts": "flip", "teacher.embeddings": "OTHER",
+    "teacher.minPixels": 3136, "teacher.maxPixels": 200704,
     "rank.workers": 3, "rank.gpusPerWorker": 1.0, "rank.memoryBudgetMib": 64,
     "mining.p": 3, "mining.m": 9, "mining.clusterSize": 8, "mining.batchSize": 32, "mining.seed": 1,
     "mining.perTask": False, "mining.mixTasks": False, "mining.edges": "union", "mining.partitioner": "metis",
     "mining.partitionerThreads": 2,
     "mining.minTaskSize": "flip", "mining.hardNegatives": 2,
     "training.student": "other/student", "training.pooling": "cls", "training.maxLength": 64,
+    "training.minPixels": 3136, "training.maxPixels": 200704,
     "training.sampler": "random", "training.falseNegatives": "top-p", "training.temperature": 0.05,
     "training.learningRate": 0.001, "training.warmupRatio": 0.2, "training.maxGradNorm": 2.0,
     "training.epochs": 2, "training.steps": 5, "training.miniBatchSize": 4,
@@ -71,6 +73,7 @@ RANK = {"dataset.uri", "dataset.format", "dataset.columns.query", "dataset.colum
         "dataset.columns.task", "dataset.columns.id", "dataset.split", "dataset.columns.queryImage",
         "dataset.columns.positiveImage", "dataset.imageRoot", "teacher.model",
         "teacher.pooling", "teacher.maxLength", "teacher.dtype", "teacher.usePrompts", "teacher.embeddings",
+        "teacher.minPixels", "teacher.maxPixels",
         "mining.p", "mining.m", "mining.perTask", "mining.minTaskSize", "mining.batchSize"}  # fmt: skip
 PROMPTS = {"dataset.prompts.query", "dataset.prompts.positive", "dataset.prompts.byTask"}
 PARTITION = RANK | {"mining.clusterSize", "mining.seed", "mining.edges", "mining.partitioner"}

@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from conftest import make_pairs
+from conftest import _tiny_clip, _tiny_qwen2_vl, make_pairs
 
 from b3.cli import main
 
@@ -197,6 +197,17 @@ CASES = [
          "config.json does not load", {"training": {"student": "{tmp}/model"}},
          setup=_model_folder({"model_type": "no-such-architecture"})),
     Case("a model id with a space", "Hugging Face: not a model id (org/name)", {"teacher": {"model": "my model"}}),
+    Case("LoRA on Qwen2-VL with no target modules", "training.lora.targetModules: peft has no default for 'qwen2_vl' "
+         "models ({tmp}/model)", {"training": {"student": "{tmp}/model", "lora": {"targetModules": DELETE}}},
+         setup=lambda folder: _tiny_qwen2_vl(folder / "model")),
+    Case("a pixel budget for a text model", "has no pixel budget to set (it embeds text only or resizes images to a "
+         "fixed shape); minPixels and maxPixels apply to models that size images by one (Qwen2-VL and its successors)",
+         {"training": {"maxPixels": 200704}}),
+    Case("a pixel budget for CLIP", "teacher.minPixels: {tmp}/model has no pixel budget to set (it embeds text only "
+         "or resizes images to a fixed shape)", {"teacher": {"model": "{tmp}/model", "minPixels": 3136}},
+         setup=lambda folder: _tiny_clip(folder / "model")),
+    Case("minPixels above maxPixels", "spec.training: minPixels (1003520) must not exceed maxPixels (200704)",
+         {"training": {"minPixels": 1003520, "maxPixels": 200704}}),
     Case("teacher missing for the rank stage alone", "teacher.model: '/nonexistent/model' not found",
          {"teacher": {"model": "/nonexistent/model"}}, command="rank"),
     Case("student missing for the train stage alone", "training.student: '/nonexistent/student' not found",
@@ -270,6 +281,7 @@ def test_bad_input_exits_2_naming_it_before_any_compute_and_changes_nothing(case
         manifest.write_text(yaml.safe_dump(doc))
     if case.setup:
         case.setup(tmp_path)
+        capsys.readouterr()  # what writing the case's files printed is not the command's
     before = _snapshot(tmp_path)
 
     with caplog.at_level(logging.INFO):

@@ -15,8 +15,9 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from b3.loss import InfoNCELoss
-from b3.model import build_student
+from b3.model import build_student, export_sentence_transformer
 from b3.spec import LoraSpec
+from b3.teacher import TextEncoder
 from b3.train import compute_gradients
 from b3.vision import encode_rows, is_dual_encoder, slice_rows, truncate
 
@@ -203,9 +204,6 @@ def test_two_gloo_processes_with_all_gather_give_the_single_process_gradients(tm
 def test_the_export_loads_with_automodel_and_autoprocessor_and_embeds_as_the_student(tmp_path, any_student):
     """The exported folder (LoRA merged in, the processor beside it) embeds every row, text, image
     or both, as the trained student did; b3's teacher reads it through AutoModel / AutoProcessor."""
-    from b3.model import export_sentence_transformer
-    from b3.teacher import TextEncoder
-
     export_sentence_transformer(any_student, str(tmp_path / "model"))
     with torch.no_grad():
         expected = any_student(any_student.tokenize(TEXTS, IMAGES)).numpy()
@@ -213,13 +211,66 @@ def test_the_export_loads_with_automodel_and_autoprocessor_and_embeds_as_the_stu
     reloaded = TextEncoder(str(tmp_path / "model"), pooling="last_token", max_length=32, dtype="float32")
     np.testing.assert_allclose(reloaded.encode(TEXTS, images=cells), expected, rtol=0, atol=1e-5)
     assert reloaded.processor.image_processor.to_dict() == any_student.processor.image_processor.to_dict()
-    if is_dual_encoder(any_student.processor):  # sentence-transformers reads a CLIP folder as it is
-        from sentence_transformers import SentenceTransformer
 
-        st = SentenceTransformer(str(tmp_path / "model"), device="cpu")
+
+def sentence_transformers_inputs(texts: list[str], images: list) -> list:
+    """Rows as sentence-transformers takes them: a text, an image, or both in a dict."""
+    return [text if image is None else image if not text else {"image": image, "text": text}
+            for text, image in zip(texts, images, strict=True)]  # fmt: skip
+
+
+def test_sentence_transformers_loads_the_export_and_embeds_every_row_as_the_student(tmp_path, any_student):
+    """`SentenceTransformer(folder)` on the export: a Qwen2-VL one through its own Transformer,
+    Pooling (last token) and Normalize modules, its inputs rendered by the chat template that
+    reproduces training's (image prompt first, the `<|image_1|>` placeholder dropped, the
+    prompt before the text), texts, images and both in one call, with and without the query
+    prompt; a CLIP one as sentence-transformers reads CLIP folders (one call per modality)."""
+    from sentence_transformers import SentenceTransformer
+
+    prompt = "Find the matching picture: "
+    export_sentence_transformer(any_student, str(tmp_path / "model"), prompts={"query": prompt})
+    st = SentenceTransformer(str(tmp_path / "model"), device="cpu")
+    with torch.no_grad():
+        expected = any_student(any_student.tokenize(TEXTS, IMAGES)).numpy()
+        prompted = any_student(any_student.tokenize([prompt + text for text in TEXTS], IMAGES)).numpy()
+    if is_dual_encoder(any_student.processor):
         got = np.concatenate([st.encode([TEXTS[1]]), st.encode([IMAGES[3]])])  # one call per modality
         got /= np.linalg.norm(got, axis=1, keepdims=True)  # its CLIP module leaves them unnormalised
         np.testing.assert_allclose(got, expected[[1, 3]], rtol=0, atol=1e-5)
+        return
+    rows = sentence_transformers_inputs(TEXTS, IMAGES)
+    np.testing.assert_allclose(st.encode(rows), expected, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(st.encode_query(rows), prompted, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(st.encode(rows[3:4]), expected[3:4], rtol=0, atol=1e-5)  # an image alone
+    assert not np.allclose(expected, prompted, atol=1e-3)  # the prompt is seen: the comparison can fail
+
+
+def test_a_pixel_budget_bounds_each_image_and_is_saved_with_the_export(tmp_path, tiny_qwen2_vl_dir):
+    """training.maxPixels / minPixels resize each image into the budget (fewer or more image
+    tokens than the processor's own), and the exported processor keeps the budget, so the
+    reloaded model and sentence-transformers embed as the student did."""
+    from sentence_transformers import SentenceTransformer
+
+    from b3.vision import pixel_budget
+
+    default = build_student(tiny_qwen2_vl_dir, "last_token", 32, LORA)  # its processor: 4 to 16 merged patches
+    small = build_student(tiny_qwen2_vl_dir, "last_token", 32, LORA, max_pixels=4 * 28 * 28)
+    large = build_student(tiny_qwen2_vl_dir, "last_token", 32, LORA, min_pixels=16 * 28 * 28)
+    merged_patches = {name: int(s.tokenize([""], [picture(0, 112, 112)])["image_grid_thw"].prod()) // 4
+                      for name, s in (("default", default), ("small", small))}  # fmt: skip
+    assert merged_patches == {"default": 16, "small": 4}
+    assert int(large.tokenize([""], [picture(0, 28, 28)])["image_grid_thw"].prod()) // 4 == 16
+    assert int(default.tokenize([""], [picture(0, 28, 28)])["image_grid_thw"].prod()) // 4 == 4
+
+    export_sentence_transformer(small, str(tmp_path / "model"))
+    with torch.no_grad():
+        expected = small(small.tokenize(TEXTS, IMAGES)).numpy()
+    reloaded = TextEncoder(str(tmp_path / "model"), pooling="last_token", max_length=32, dtype="float32")
+    assert pixel_budget(reloaded.processor) == (4 * 28 * 28, 4 * 28 * 28)
+    cells = [None if image is None else png_bytes(image) for image in IMAGES]
+    np.testing.assert_allclose(reloaded.encode(TEXTS, images=cells), expected, rtol=0, atol=1e-5)
+    st = SentenceTransformer(str(tmp_path / "model"), device="cpu")
+    np.testing.assert_allclose(st.encode(sentence_transformers_inputs(TEXTS, IMAGES)), expected, rtol=0, atol=1e-5)
 
 
 def test_lora_on_a_vision_language_model_needs_its_targets_named(tiny_qwen2_vl_dir):

@@ -43,6 +43,8 @@ CEL_RULES: list[tuple[str, str, str]] = [
     ("mining", "self.partitioner == 'kaminpar' || self.partitionerThreads == 1",
      "partitionerThreads needs partitioner kaminpar: METIS (pymetis) runs on one thread"),
     ("training", "!(has(self.steps) && has(self.epochs))", "give steps or epochs, not both"),
+    *((section, "!has(self.minPixels) || !has(self.maxPixels) || self.minPixels <= self.maxPixels",
+       "minPixels must not exceed maxPixels") for section in ("teacher", "training")),
     ("", "self.mining.batchSize % (self.training.nodes * self.training.processesPerNode) == 0",
      "mining.batchSize must be divisible by training.nodes x training.processesPerNode"),
     ("", "!has(self.training.miniBatchSize) || self.training.miniBatchSize * "
