@@ -47,8 +47,10 @@ VERSIONS = {"embed": 1, "rank": 2, "partition": 2, "train": 2}
 # Dotted paths into the camelCase spec (`spec.model_dump(by_alias=True)`); a section path
 # covers the whole section. Fields of no stage: rank.* and mining.partitionerThreads (workers,
 # threads and memory change how, not what), teacher.batchSize and teacher.device, workDir,
-# and the Kubernetes sections.
-_DATASET = ["dataset.uri", "dataset.format", "dataset.columns", "dataset.split", "dataset.imageRoot"]
+# the candidate columns (read by b3 eval alone) and the Kubernetes sections.
+_DATASET = ["dataset.uri", "dataset.format", "dataset.columns.query", "dataset.columns.positive",
+            "dataset.columns.task", "dataset.columns.id", "dataset.columns.queryImage",
+            "dataset.columns.positiveImage", "dataset.split", "dataset.imageRoot"]  # fmt: skip
 _TEACHER = ["teacher.model", "teacher.pooling", "teacher.maxLength", "teacher.dtype",
             "teacher.usePrompts", "teacher.minPixels", "teacher.maxPixels"]  # fmt: skip
 _MINING_GROUPS = ["mining.p", "mining.m", "mining.perTask", "mining.minTaskSize",

@@ -236,9 +236,10 @@ def stage_main(name: str, argv: list[str] | None = None) -> int:
 def eval_command(
     manifest: str, models: list[str], as_json: bool, baseline: str | None = None, show_tasks: bool = False
 ) -> int:
-    """Retrieval metrics of several models on the held-out split (mixed corpus and per task),
-    each model's nDCG@10 difference from the baseline with its paired bootstrap interval; the
-    report goes to eval/results.json and every query's ranks to eval/ranks.parquet."""
+    """Retrieval metrics of several models on the held-out split (mixed corpus and per task,
+    and MMEB's accuracy@1 over candidate lists where the dataset has them), each model's
+    nDCG@10 difference from the baseline with its paired bootstrap interval; the report goes to
+    eval/results.json and every query's ranks to eval/ranks.parquet."""
     import pyarrow as pa
 
     from b3.artifacts import Artifacts
@@ -254,26 +255,26 @@ def eval_command(
     prompts = spec.dataset.prompts
     # name -> (model, pooling, max length, prompts, pixel budget); given models embed as the student
     teacher_pixels, student_pixels = (spec.teacher.min_pixels, spec.teacher.max_pixels), (t.min_pixels, t.max_pixels)
-    candidates = {"teacher": (spec.teacher.model, spec.teacher.pooling, spec.teacher.max_length,
+    encoders = {"teacher": (spec.teacher.model, spec.teacher.pooling, spec.teacher.max_length,
                               prompts if spec.teacher.use_prompts else None, teacher_pixels),
                   "student (untrained)": (t.student, t.pooling, t.max_length, prompts, student_pixels)}  # fmt: skip
     if spec.teacher.embeddings:  # the teacher's embeddings were made elsewhere: no model to score
-        del candidates["teacher"]
+        del encoders["teacher"]
     trained = artifacts.trained_model()  # only a model trained with this spec
     if trained is not None:
-        candidates["student (trained)"] = (trained, t.pooling, t.max_length, prompts, student_pixels)
+        encoders["student (trained)"] = (trained, t.pooling, t.max_length, prompts, student_pixels)
     elif artifacts.out.exists("train", "final"):
         log.warning("eval: %s was trained with another spec or did not finish; not evaluated "
                     "(run `b3 train`)", artifacts.out.path("train", "final"))  # fmt: skip
     for entry in models:
         name, _, path = entry.rpartition("=")
-        candidates[name or path] = (path, t.pooling, t.max_length, prompts, student_pixels)
+        encoders[name or path] = (path, t.pooling, t.max_length, prompts, student_pixels)
     baseline = baseline or "student (untrained)"
-    if baseline not in candidates:
-        raise DataError(f"--baseline {baseline!r} is not one of the models: {', '.join(candidates)}")
+    if baseline not in encoders:
+        raise DataError(f"--baseline {baseline!r} is not one of the models: {', '.join(encoders)}")
     pairs = load_pairs(spec.dataset, min_rows=1, split="test")
     ranks, by_config, config_of = {}, {}, {}
-    for name, config in candidates.items():
+    for name, config in encoders.items():
         model, pooling, max_length, model_prompts, (min_pixels, max_pixels) = config
         no_prompts = model_prompts is None or model_prompts == type(model_prompts)()
         key = (model, pooling, max_length, None if no_prompts else model_prompts.model_dump_json(), min_pixels, max_pixels)
@@ -297,6 +298,8 @@ def eval_command(
                    "task": pa.array([str(x) for x in pairs.tasks], pa.string())}  # fmt: skip
         for name, r in ranks.items():
             columns[f"{name}/mixed"], columns[f"{name}/task"] = pa.array(r.mixed), pa.array(r.task)
+            if r.candidate is not None:  # 0: the query has no candidate list
+                columns[f"{name}/candidates"] = pa.array(r.candidate)
         artifacts.work.write_parquet(pa.table(columns), "eval", "ranks.parquet")
     if trained is not None:  # the model card carries the table
         _add_eval_to_card(trained, report)
@@ -310,28 +313,39 @@ def eval_command(
 def _print_eval(report: dict, show_tasks: bool) -> None:
     results = report["models"]
     first = next(iter(results.values()))
+    listed = first.get("candidates")  # MMEB's accuracy@1 over candidate lists, where the data has them
     print(f"retrieval on the test split ({first['queries']} queries; mixed: {first['corpus']} documents, "
-          f"per task: each query against its own task's documents, {first['per_task']['macro']['tasks']} tasks)")  # fmt: skip
-    print(f"  {'':<22}{'mixed corpus':^33}{'per task (nDCG@10)':^20}")
-    print(f"  {'model':<22}{'nDCG@10':>9}{'R@1':>8}{'R@10':>8}{'MRR@10':>8}{'micro':>10}{'macro':>10}")
+          f"per task: each query against its own task's documents, {first['per_task']['macro']['tasks']} tasks"
+          + (f"; candidates: {listed['queries']} queries against their own candidate lists" if listed else "") + ")")  # fmt: skip
+    print(f"  {'':<22}{'mixed corpus':^33}{'per task (nDCG@10)':^20}" + (f"{'candidates (acc@1)':^20}" if listed else ""))
+    print(f"  {'model':<22}{'nDCG@10':>9}{'R@1':>8}{'R@10':>8}{'MRR@10':>8}{'micro':>10}{'macro':>10}"
+          + (f"{'micro':>10}{'macro':>10}" if listed else ""))  # fmt: skip
     for name, m in results.items():
-        pt = m["per_task"]
+        pt, c = m["per_task"], m.get("candidates")
         print(f"  {name:<22}{m['ndcg@10']:>9.4f}{m['recall@1']:>8.4f}{m['recall@10']:>8.4f}{m['mrr@10']:>8.4f}"
-              f"{pt['micro']['ndcg@10']:>10.4f}{pt['macro']['ndcg@10']:>10.4f}")  # fmt: skip
+              f"{pt['micro']['ndcg@10']:>10.4f}{pt['macro']['ndcg@10']:>10.4f}"
+              + (f"{c['accuracy@1']:>10.4f}{c['macro']:>10.4f}" if c else ""))  # fmt: skip
     if report["comparisons"]:
-        print(f"nDCG@10 minus {report['baseline']}'s, x100, 95% paired bootstrap interval:")
-        print(f"  {'model':<22}{'mixed':>22}{'per task micro':>22}{'per task macro':>22}")
+        headers = {"mixed": "mixed", "per_task_micro": "per task micro", "per_task_macro": "per task macro",
+                   "candidates_accuracy@1_macro": "candidates acc@1 macro"}  # fmt: skip
+        shown = list(next(iter(report["comparisons"].values())))
+        print(f"nDCG@10 (candidates: accuracy@1) minus {report['baseline']}'s, x100, 95% paired bootstrap interval:"
+              if listed else f"nDCG@10 minus {report['baseline']}'s, x100, 95% paired bootstrap interval:")  # fmt: skip
+        print(f"  {'model':<22}" + "".join(f"{headers[key]:>24}" for key in shown))
         for name, c in report["comparisons"].items():
             cells = "".join(f"{100 * d['difference']:>+8.2f} [{100 * d['low']:+.2f}, {100 * d['high']:+.2f}]"
-                            .rjust(22) for d in c.values())  # fmt: skip
+                            .rjust(24) for d in c.values())  # fmt: skip
             print(f"  {name:<22}{cells}")
     if show_tasks:
         names = list(results)
-        print("per task nDCG@10 (own task's documents):")
+        print("per task nDCG@10 (own task's documents)" + (", accuracy@1 over candidate lists" if listed else "") + ":")
         print(f"  {'task':<16}{'queries':>8}" + "".join(f"{n[:20]:>22}" for n in names))
         for task, m in first["per_task"]["tasks"].items():
             cells = "".join(f"{results[n]['per_task']['tasks'][task]['ndcg@10']:>22.4f}" for n in names)
             print(f"  {task:<16}{m['queries']:>8}{cells}")
+        for task, m in (listed or {"tasks": {}})["tasks"].items():
+            cells = "".join(f"{results[n]['candidates']['tasks'][task]['accuracy@1']:>22.4f}" for n in names)
+            print(f"  {task[:11] + ' acc@1':<16}{m['queries']:>8}{cells}")
 
 
 STAGES = ["rank", "partition", "train"]
@@ -414,7 +428,9 @@ def _print_summary(job: B3Job, overrides: list[str]) -> None:
     length = f"{t.steps} steps" if t.steps is not None else f"{t.epochs or 1} epoch(s)"
     lora = f"LoRA r={t.lora.r} alpha={t.lora.alpha} on {', '.join(t.lora.target_modules) if t.lora.target_modules else 'the family default'}"
     images = "".join(f" {name}={column}" for name, column in (("queryImage", columns.query_image),
-                                                                ("positiveImage", columns.positive_image)) if column)  # fmt: skip
+                                                                ("positiveImage", columns.positive_image),
+                                                                ("candidates", columns.candidates),
+                                                                ("candidateImages", columns.candidate_images)) if column)  # fmt: skip
     teacher = (f"embeddings from {s.teacher.embeddings} (no teacher model runs)" if s.teacher.embeddings
                else f"{s.teacher.model} ({s.teacher.pooling} pooling, maxLength {s.teacher.max_length})")  # fmt: skip
     rows = [

@@ -48,6 +48,16 @@ class DataError(ValueError):
 
 
 @dataclass(frozen=True)
+class CandidateLists:
+    """Each test query's candidate list (MMEB-style evaluation), flat: entry j is a candidate of
+    query row `rows[j]`; a row without a list has no entries."""
+
+    rows: np.ndarray  # (M,) int64, ascending: the query row each candidate belongs to
+    texts: np.ndarray  # (M,) str, "" for an image alone
+    images: np.ndarray | None  # (M,) object image cells (None: no image), with candidateImages
+
+
+@dataclass(frozen=True)
 class Pairs:
     """Training rows. Row i is (queries[i], positives[i]); arrays are aligned by row."""
 
@@ -61,6 +71,7 @@ class Pairs:
     # dataset names an image column for that side; "" stands for a side's missing text then
     query_images: np.ndarray | None = None
     positive_images: np.ndarray | None = None
+    candidates: CandidateLists | None = None  # the test split's, with dataset.columns.candidates
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -232,7 +243,8 @@ def require_columns(spec: DatasetSpec, present: list[str]) -> None:
     """DataError unless every column the spec names is among `present`."""
     cols = spec.columns
     wanted = {"query": cols.query, "positive": cols.positive, "task": cols.task, "id": cols.id,
-              "query image": cols.query_image, "positive image": cols.positive_image}  # fmt: skip
+              "query image": cols.query_image, "positive image": cols.positive_image,
+              "candidates": cols.candidates, "candidate images": cols.candidate_images}  # fmt: skip
     if spec.split is not None:
         wanted["split key"] = spec.split.key
     missing = [f"{name!r} ({role})" for role, name in wanted.items() if name and name not in present]
@@ -268,6 +280,10 @@ def _delimiter(path: str) -> str:
     return "\t" if path.lower().removesuffix(".gz").endswith(".tsv") else ","
 
 
+def _is_text_type(t: pa.DataType) -> bool:
+    return pa.types.is_string(t) or pa.types.is_large_string(t)
+
+
 def _text_column(table: pa.Table, name: str, role: str, uri: str, file_rows: np.ndarray,
                  ids: np.ndarray | None, images: np.ndarray | None = None) -> np.ndarray:  # fmt: skip
     """The column's texts; a null or empty text is refused, unless the row has an image on this
@@ -275,7 +291,7 @@ def _text_column(table: pa.Table, name: str, role: str, uri: str, file_rows: np.
     col = table.column(name)
     if pa.types.is_null(col.type) and images is not None:  # every text null: an image-only side
         col = col.cast(pa.string())
-    if not pa.types.is_string(col.type) and not pa.types.is_large_string(col.type):
+    if not _is_text_type(col.type):
         raise DataError(f"dataset {uri}: column {name!r} ({role}) must hold text, not {col.type}")
     empty = pc.or_kleene(pc.is_null(col), pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(col)), 0))
     empty = empty.to_numpy(zero_copy_only=False).astype(bool, copy=False)
@@ -297,7 +313,12 @@ def _image_column(table: pa.Table, name: str | None, role: str, spec: DatasetSpe
     col = table.column(name)
     if problem := cell_type_problem(col.type):
         raise DataError(f"dataset {spec.uri}: column {name!r} ({role} image) cannot hold images: {problem}")
-    return image_cells(col, spec.image_root or spec.uri.rstrip("/").rsplit("/", 1)[0])
+    return image_cells(col, _image_root(spec))
+
+
+def _image_root(spec: DatasetSpec) -> str:
+    """Where relative image paths are read: dataset.imageRoot, else the dataset file's folder."""
+    return spec.image_root or spec.uri.rstrip("/").rsplit("/", 1)[0]
 
 
 def _check_images(cells: np.ndarray | None, name: str, role: str, uri: str, file_rows: np.ndarray,
@@ -312,12 +333,73 @@ def _check_images(cells: np.ndarray | None, name: str, role: str, uri: str, file
                         f"used: {_where(rows, file_rows, ids)}: {reasons}")  # fmt: skip
 
 
+def _list_column(table: pa.Table, name: str, role: str, uri: str) -> pa.Array:
+    """A column of lists (one per row, null: none), DataError unless it is one."""
+    col = table.column(name).combine_chunks()
+    if not (pa.types.is_list(col.type) or pa.types.is_large_list(col.type) or pa.types.is_fixed_size_list(col.type)):
+        raise DataError(f"dataset {uri}: column {name!r} ({role}) must hold a list per row, not {col.type}")
+    return col
+
+
+def _candidate_lists(table: pa.Table, spec: DatasetSpec, file_rows: np.ndarray,
+                     ids: np.ndarray | None) -> CandidateLists | None:  # fmt: skip
+    """The rows' candidate lists, checked like the pairs: texts, images that decode (each
+    distinct image once), one image cell per candidate, a text or an image for each."""
+    cols, uri = spec.columns, spec.uri
+    if cols.candidates is None:
+        return None
+    texts = _list_column(table, cols.candidates, "candidates", uri)
+    if not (_is_text_type(texts.type.value_type) or pa.types.is_null(texts.type.value_type)):
+        raise DataError(f"dataset {uri}: column {cols.candidates!r} (candidates) must hold lists of texts, "
+                        f"not {texts.type}")  # fmt: skip
+    lengths = pc.fill_null(pc.list_value_length(texts), 0).to_numpy(zero_copy_only=False).astype(np.int64)
+    rows = np.repeat(np.arange(len(lengths)), lengths)
+    flat = [text or "" for text in pc.list_flatten(texts).to_pylist()]
+    images = None
+    if cols.candidate_images is not None:
+        cells = _list_column(table, cols.candidate_images, "candidate images", uri)
+        if problem := cell_type_problem(cells.type.value_type):
+            raise DataError(f"dataset {uri}: column {cols.candidate_images!r} (candidate images) cannot hold "
+                            f"images: {problem}")  # fmt: skip
+        image_lengths = pc.fill_null(pc.list_value_length(cells), 0).to_numpy(zero_copy_only=False)
+        if len(bad := np.flatnonzero(image_lengths != lengths)):
+            raise DataError(f"dataset {uri}: {len(bad)} rows list a different number of candidate images "
+                            f"({cols.candidate_images!r}) than candidates ({cols.candidates!r}): "
+                            f"{_where(bad, file_rows, ids)}")  # fmt: skip
+        images = image_cells(pa.chunked_array([pc.list_flatten(cells)]), _image_root(spec))
+    has_image = np.zeros(len(flat), dtype=bool) if images is None else np.asarray([c is not None for c in images])
+    empty = np.asarray([not text.strip() for text in flat], dtype=bool) & ~has_image
+    if len(bad := np.unique(rows[empty])):
+        raise DataError(f"dataset {uri}: {len(bad)} rows have a candidate with neither text nor image in "
+                        f"{cols.candidates!r}: {_where(bad, file_rows, ids)}")  # fmt: skip
+    return CandidateLists(rows=rows, texts=np.asarray(flat, dtype=object), images=images)
+
+
+def _check_candidate_images(lists: CandidateLists | None, spec: DatasetSpec, file_rows: np.ndarray,
+                            ids: np.ndarray | None) -> None:  # fmt: skip
+    """Every distinct candidate image read and decoded once; DataError naming the rows that list
+    a bad one."""
+    if lists is None or lists.images is None:
+        return
+    keys = np.asarray([image_key(cell) or "" for cell in lists.images], dtype=object)
+    distinct, first = np.unique(keys, return_index=True)
+    problems = image_problems(lists.images[first], "candidate images")
+    if problems:
+        bad_keys = {distinct[i] for i, _ in problems}
+        rows = np.unique(lists.rows[[key in bad_keys for key in keys]])
+        reasons = "; ".join(why for _, why in problems[:3])
+        raise DataError(f"dataset {spec.uri}: {len(problems)} candidate image(s) in column "
+                        f"{spec.columns.candidate_images!r} cannot be used, listed by {_where(rows, file_rows, ids)}: "
+                        f"{reasons}")  # fmt: skip
+
+
 def load_pairs(spec: DatasetSpec, min_rows: int, split: str = "train") -> Pairs:
     """Read, check and split the dataset; return the rows of `split` ("train" or "test").
 
     Raises DataError for: an unreadable file, missing columns, null or empty texts (where the
     side has no image), images that cannot be read or decoded, duplicate ids, and fewer than
-    `min_rows` rows in the split (one batch, for training).
+    `min_rows` rows in the split (one batch, for training). The test split also carries its
+    candidate lists (`dataset.columns.candidates`), checked the same way.
     """
     table = read_table(spec)
     cols = spec.columns
@@ -369,6 +451,7 @@ def load_pairs(spec: DatasetSpec, min_rows: int, split: str = "train") -> Pairs:
     else:
         tasks = np.full(len(ids), SINGLE_TASK, dtype=object)
 
+    candidates = _candidate_lists(table, spec, file_rows, named) if split == "test" else None
     if len(ids) < min_rows:
         raise DataError(
             f"dataset {spec.uri}: {len(ids)} {split} rows, fewer than one batch "
@@ -377,6 +460,7 @@ def load_pairs(spec: DatasetSpec, min_rows: int, split: str = "train") -> Pairs:
     # last: reading every image is the one check that costs more than the table
     _check_images(query_images, cols.query_image, "query", spec.uri, file_rows, named)
     _check_images(positive_images, cols.positive_image, "positive", spec.uri, file_rows, named)
+    _check_candidate_images(candidates, spec, file_rows, named)
     return Pairs(
         ids=ids,
         queries=queries,
@@ -386,6 +470,7 @@ def load_pairs(spec: DatasetSpec, min_rows: int, split: str = "train") -> Pairs:
         held_out=int((~keep).sum()),
         query_images=query_images,
         positive_images=positive_images,
+        candidates=candidates,
     )
 
 

@@ -44,6 +44,12 @@ def eval_table(report: dict) -> str:
                      f"| {pt['micro']['ndcg@10']:.4f} / {pt['macro']['ndcg@10']:.4f} |")  # fmt: skip
     lines += ["", "Mixed: every query against all held-out documents; per task: against its own task's "
               "documents only (micro: mean over queries, macro: mean over tasks)."]
+    if "candidates" in first:  # MMEB-style: each query against its own candidate list
+        lines += ["", f"Candidates (MMEB): {first['candidates']['queries']} queries, each right when its positive scores "
+                  "above every other candidate on its list:", "",
+                  "| model | accuracy@1 (micro) | accuracy@1 (macro over tasks) |", "|---|---|---|"]  # fmt: skip
+        lines += [f"| {name} | {m['candidates']['accuracy@1']:.4f} | {m['candidates']['macro']:.4f} |"
+                  for name, m in report["models"].items()]  # fmt: skip
     return "\n".join(lines)
 
 

@@ -77,6 +77,28 @@ class ColumnsSpec(_Model):
         min_length=1,
         description="Column holding the positive's image, as queryImage. Absent: text-only positives.",
     )
+    candidates: str | None = Field(
+        None,
+        min_length=1,
+        description="Column holding each query's candidate list for MMEB-style evaluation (b3 eval: "
+        "accuracy@1, the positive scored above every other candidate): a list of texts (empty or null "
+        "where a candidate is an image alone); entries equal to the row's positive (text and image) are "
+        "the positive, so MMEB's tgt_text, which lists it first, fits as it is. Read on the test split "
+        "only; a row whose list is null or empty is left out of accuracy@1. Absent: no accuracy@1.",
+    )
+    candidate_images: str | None = Field(
+        None,
+        min_length=1,
+        description="Column holding the candidates' images (MMEB's tgt_img_path): per row a list as "
+        "long as its candidates, each cell as queryImage (null: no image). Needs candidates.",
+    )
+
+    @model_validator(mode="after")
+    def _candidate_texts(self) -> ColumnsSpec:
+        if self.candidate_images is not None and self.candidates is None:
+            raise ValueError("candidateImages needs candidates: the candidates' texts, a list per row "
+                             "(empty or null where a candidate is an image alone)")  # fmt: skip
+        return self
 
 
 class SplitSpec(_Model):

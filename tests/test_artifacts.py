@@ -25,6 +25,7 @@ CHANGES = {
     "dataset.columns.query": "q", "dataset.columns.positive": "pos", "dataset.columns.task": "kind",
     "dataset.columns.id": "id", "dataset.split": {"key": "source"},
     "dataset.columns.queryImage": "query_image", "dataset.columns.positiveImage": "positive_image",
+    "dataset.columns.candidates": "candidates", "dataset.columns.candidateImages": "candidate_images",
     "dataset.imageRoot": "/images",
     "dataset.prompts.query": "query: ", "dataset.prompts.positive": "passage: ",
     "dataset.prompts.byTask": {"t0": {"query": "find: "}},
@@ -157,6 +158,9 @@ def _check_one_change(dataset_files, field, uses_prompts, min_task_size):
     _set(changed, field, value)
     if field == "training.epochs":
         _set(changed, "training.steps", None)  # steps and epochs are exclusive
+    if field == "dataset.columns.candidateImages":  # the candidates' images need their texts
+        _set(base, "dataset.columns.candidates", "candidates")
+        _set(changed, "dataset.columns.candidates", "candidates")
     before = Artifacts(_spec(base, dataset_files))
     after = Artifacts(_spec(changed, dataset_files))
     for stage in ("rank", "partition", "train"):

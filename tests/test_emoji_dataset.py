@@ -62,6 +62,15 @@ def test_pairs_share_one_image_per_emoji_and_skin_tones_share_a_source(tmp_path)
     keywords = by_id["keywords-to-image/1F44D"]["query"]
     assert "+1" in keywords.split(", ") and "thumbs up" not in keywords.split(", ")  # the name is left out
     assert by_id["image-to-category/1F44D"]["positive"] == "People & Body: hand fingers closed"
+    # candidate lists as MMEB's: the positive first, then distinct other positives of the same task
+    positives = {}
+    for r in rows:
+        positives.setdefault(r["task"], set()).add((r["positive"], r["positive_image"]))
+    for r in rows:
+        listed = list(zip(r["candidates"], r["candidate_images"], strict=True))
+        assert listed[0] == (r["positive"], r["positive_image"]) and len(set(listed)) == len(listed), r
+        assert set(listed) <= positives[r["task"]]
+        assert len(listed) == min(len(positives[r["task"]]), emoji_set.CANDIDATES), r  # a few: all of them
 
 
 def test_a_rebuild_is_byte_identical(tmp_path):
@@ -104,7 +113,8 @@ def test_b3_reads_the_set_with_its_image_columns_and_keeps_skin_tones_apart(tmp_
 def test_the_emoji_example_runs_end_to_end_on_the_cpu(tmp_path, monkeypatch, capsys):
     """`b3 run examples/emoji/tiny.yaml` as its first line says, from a copy of the repository's
     layout: the whole set built from the packages, a tiny random Qwen2-VL, then rank, partition,
-    train (GradCache over image patches) and eval with both evaluations."""
+    train (GradCache over image patches) and eval with every evaluation: mixed, per task and
+    MMEB's accuracy@1 over each test query's candidate list."""
     import shutil
 
     from b3.cli import main
@@ -130,4 +140,8 @@ def test_the_emoji_example_runs_end_to_end_on_the_cpu(tmp_path, monkeypatch, cap
     assert set(trained["per_task"]["tasks"]) == set(emoji_set.TASKS)
     assert 0.05 * rows < trained["queries"] < 0.2 * rows  # the test bucket: one source in ten
     assert 0 <= trained["ndcg@10"] <= 1 and 0 <= trained["per_task"]["micro"]["ndcg@10"] <= 1
+    listed = trained["candidates"]
+    assert listed["queries"] == trained["queries"] and set(listed["tasks"]) == set(emoji_set.TASKS)
+    assert 0 <= listed["accuracy@1"] <= 1 and "candidates_accuracy@1_macro" in report["comparisons"]["student (trained)"]
+    assert "candidates (acc@1)" in out
     assert (tmp_path / "runs" / "emoji-tiny" / "train" / "final" / "model" / "processor_config.json").exists()

@@ -6,10 +6,14 @@ import math
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from b3.data import Pairs
+from b3.data import CandidateLists, Pairs
 from b3.evaluation import (
     Ranks,
+    candidate_metrics,
+    candidate_ranks,
     compare,
     evaluate_encoder,
     metrics_from_ranks,
@@ -134,3 +138,64 @@ def test_compare_reports_all_three_views_and_refuses_other_queries():
     assert c["per_task_micro"]["difference"] == 0 and c["per_task_macro"]["high"] == 0
     with pytest.raises(ValueError, match="same queries"):
         compare(base, Ranks(mixed=np.array([1]), task=np.array([1]), tasks=tasks[:1], corpus=1))
+
+
+# --- candidate lists (MMEB's accuracy@1) ---------------------------------------------------------
+
+
+def _pairs_with_lists(queries, positives, tasks, lists) -> Pairs:
+    """Pairs whose row i has the candidate list lists[i] (None: no list), texts only."""
+    rows = [i for i, texts in enumerate(lists) if texts for _ in texts]
+    texts = [t for texts in lists if texts for t in texts]
+    return Pairs(ids=np.array([str(i) for i in range(len(queries))], dtype=object),
+                 queries=np.array(queries, dtype=object), positives=np.array(positives, dtype=object),
+                 tasks=np.array(tasks, dtype=object), positive_group=np.arange(len(queries)), held_out=0,
+                 candidates=CandidateLists(rows=np.array(rows, dtype=np.int64), texts=np.array(texts, dtype=object),
+                                           images=None))  # fmt: skip
+
+
+def test_candidate_accuracy_by_hand_with_the_positive_listed_first_as_in_mmeb():
+    """q0 beats both others (its positive listed first, as MMEB lists it, counts once); q1's
+    positive ties one candidate (the query's favour) and loses to another (rank 2); q2's list
+    holds only candidates below it; q3 has no list. Candidates take the task's positive prompt,
+    and each distinct one is embedded once."""
+    pairs = _pairs_with_lists(
+        queries=["q0", "q1", "q2", "q3"], positives=["p0", "p1", "p2", "p3"], tasks=["t", "t", "u", "u"],
+        lists=[["p0", "x", "y"], ["tie", "p1", "high"], ["x", "y"], None])  # fmt: skip
+    e = {"x": [0.0, 1.0], "y": [0.6, 0.8]}
+    table = {"q0": [1.0, 0.0], "q1": [1.0, 0.0], "q2": [0.8, 0.6], "q3": [1.0, 0.0],
+             "D: p0": [1.0, 0.0], "D: p1": [0.6, 0.8], "D: tie": [0.6, 0.8], "D: high": [0.8, 0.6],
+             "U: p2": [0.8, 0.6], "U: p3": [1.0, 0.0], "U: x": e["x"], "U: y": [0.0, 1.0],
+             "D: x": e["x"], "D: y": e["y"]}  # fmt: skip
+    encoder = LookupEncoder({k: np.array(v) for k, v in table.items()})
+    prompts = PromptsSpec(positive="D: ", by_task={"u": {"positive": "U: "}})
+    q_emb = np.stack([encoder.table[q] for q in pairs.queries])
+    ranks = candidate_ranks(encoder, pairs, q_emb, prompts)
+    assert ranks.tolist() == [1, 2, 1, 0]
+    assert sorted(encoder.seen) == sorted({"D: p0", "D: x", "D: y", "D: p1", "D: tie", "D: high", "U: p2", "U: x", "U: y"})
+    m = candidate_metrics(ranks, pairs.tasks)
+    assert m["queries"] == 3 and m["accuracy@1"] == pytest.approx(2 / 3)
+    assert m["tasks"] == {"t": {"accuracy@1": 0.5, "queries": 2}, "u": {"accuracy@1": 1.0, "queries": 1}}
+    assert m["macro"] == pytest.approx(0.75)  # MMEB's score: the mean over tasks
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.data())
+def test_candidate_ranks_count_the_candidates_scoring_above_the_positive(data):
+    """Against a brute force over rows: random documents, random lists (with repeats and the
+    positive itself among them), random scores."""
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1)))
+    n, docs = data.draw(st.integers(1, 6)), data.draw(st.integers(2, 8))
+    names = [f"d{j}" for j in range(docs)]
+    table = {name: rng.normal(size=3) for name in names} | {f"q{i}": rng.normal(size=3) for i in range(n)}
+    positives = [names[data.draw(st.integers(0, docs - 1))] for _ in range(n)]
+    lists = [data.draw(st.one_of(st.none(), st.lists(st.sampled_from(names), max_size=6))) for _ in range(n)]
+    pairs = _pairs_with_lists([f"q{i}" for i in range(n)], positives, ["t"] * n, lists)
+    encoder = LookupEncoder(table)
+    q_emb = np.stack([table[f"q{i}"] for i in range(n)]).astype(np.float32)
+    got = candidate_ranks(encoder, pairs, q_emb, None)
+    for i in range(n):
+        doc = {name: np.float32(q_emb[i] @ table[name].astype(np.float32)) for name in names}
+        others = [c for c in (lists[i] or []) if c != positives[i]]
+        expected = 0 if not lists[i] else 1 + sum(doc[c] > doc[positives[i]] for c in others)
+        assert got[i] == expected, (i, lists[i], positives[i])

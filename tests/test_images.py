@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from b3 import images as b3_images
-from b3.data import DataError, load_pairs
+from b3.data import DataError, load_pairs, split_bucket
 from b3.preflight import PreflightError, check
 from b3.spec import DatasetSpec, parse_manifest
 
@@ -147,3 +147,66 @@ def test_image_columns_are_refused_before_compute_with_models_that_embed_text_on
                "and dataset.columns.positiveImage: 'positive_image' hold images" in p for p in problems)  # fmt: skip
     assert not (folder / "work").exists()  # nothing written for a job refused
 
+
+
+# --- candidate lists (MMEB-style evaluation) -----------------------------------------------------
+
+
+def candidates_spec(path, test: bool = True, images: bool = True) -> DatasetSpec:
+    """Every row shares the split key "k", so every row is in the test split (or, with
+    test=False, in the training split)."""
+    bucket = int(split_bucket(["k"], 2)[0])
+    columns = {**IMAGES, "candidates": "candidates"} | ({"candidateImages": "candidate_images"} if images else {})
+    return DatasetSpec.model_validate({"uri": str(path), "columns": columns,
+                                       "split": {"key": "key", "buckets": 2, "testBucket": bucket if test else 1 - bucket}})  # fmt: skip
+
+
+def candidate_rows(**changes) -> dict:
+    rows = {
+        "id": ["a", "b", "c"], "key": ["k"] * 3, "query": ["q1", "q2", "q3"],
+        "query_image": pa.array([None, "img/red.png", None]),
+        "positive": ["a red one", "", "p3"], "positive_image": pa.array([None, "img/blue.png", None]),
+        # MMEB's tgt_text / tgt_img_path: the positive first, then the others; c has no list
+        "candidates": pa.array([["a red one", None, "a blue one"], ["", "x"], None], pa.list_(pa.string())),
+        "candidate_images": pa.array([[None, "img/red.png", None], ["img/blue.png", "img/red.png"], None],
+                                     pa.list_(pa.string())),
+    }  # fmt: skip
+    return rows | changes
+
+
+def test_the_test_split_carries_each_query_s_candidate_list_with_its_images(folder):
+    path = write(folder, candidate_rows())
+    lists = load_pairs(candidates_spec(path), min_rows=1, split="test").candidates
+    assert lists.rows.tolist() == [0, 0, 0, 1, 1]
+    assert lists.texts.tolist() == ["a red one", "", "a blue one", "", "x"]  # a null text: an image alone
+    red, blue = f"{folder}/img/red.png", f"{folder}/img/blue.png"
+    assert lists.images.tolist() == [None, red, None, blue, red]
+    assert load_pairs(candidates_spec(path, test=False), min_rows=1).candidates is None  # training never reads them
+    named = write(folder, candidate_rows(candidates=pa.array([["a red one", "x"], ["y"], None], pa.list_(pa.string()))))
+    texts_only = load_pairs(candidates_spec(named, images=False), min_rows=1, split="test").candidates
+    assert texts_only.rows.tolist() == [0, 0, 1] and texts_only.images is None
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"candidate_images": pa.array([[None, None], ["img/blue.png", "img/red.png"], None], pa.list_(pa.string()))},
+     r"1 rows list a different number of candidate images \('candidate_images'\) than candidates \('candidates'\): "
+     r"file row 0 \(id a\)"),
+    ({"candidate_images": pa.array([[None, "img/red.png", None], [None, "img/red.png"], None], pa.list_(pa.string()))},
+     r"1 rows have a candidate with neither text nor image in 'candidates': file row 1 \(id b\)"),
+    ({"candidate_images": pa.array([[None, "img/gone.png", None], ["img/gone.png", "img/red.png"], None],
+                                   pa.list_(pa.string()))},
+     r"1 candidate image\(s\) in column 'candidate_images' cannot be used, listed by file rows 0 \(id a\), 1 \(id b\)"
+     r".*: no such file .*/img/gone.png"),
+    ({"candidates": ["a", "b", "c"]}, r"column 'candidates' \(candidates\) must hold a list per row, not string"),
+    ({"candidates": pa.array([[1], [2], None], pa.list_(pa.int64()))},
+     r"column 'candidates' \(candidates\) must hold lists of texts, not list<.*int64>"),
+])  # fmt: skip
+def test_a_bad_candidate_list_is_refused_by_its_row_before_any_compute(folder, changes, message):
+    path = write(folder, candidate_rows(**changes))
+    with pytest.raises(DataError, match=message):
+        load_pairs(candidates_spec(path), min_rows=1, split="test")
+
+
+def test_candidate_images_need_candidate_texts():
+    with pytest.raises(ValueError, match="candidateImages needs candidates"):
+        DatasetSpec.model_validate({"uri": "x.parquet", "columns": {"candidateImages": "candidate_images"}})

@@ -25,9 +25,15 @@ The 5 skin tones of an emoji are natural hard negatives (and false negatives, fo
 category task): they share `source` (the emoji without its skin-tone modifiers), the column to
 split on so that no variant of a test emoji is trained on.
 
+Each row also lists its candidates, as MMEB's evaluation sets do (`tgt_text`, `tgt_img_path`):
+its positive first, then the other distinct positives of its task when they are few (the 99
+categories: a classification task's label set), else 19 of them drawn at random (MMEB draws
+1,000), each text or image; `dataset.columns.candidates` / `candidateImages` make `b3 eval`
+report accuracy@1 over them.
+
 Written under --out: `emoji.parquet` (columns id, task, query, query_image, positive,
-positive_image, source, emoji, group, subgroup; an image column holds a path under --out, the
-image root, or null), `images/noto/<codepoints>.png`, and `emoji.json` with the packages'
+positive_image, candidates, candidate_images, source, emoji, group, subgroup; an image column
+holds a path under --out, the image root, or null), `images/noto/<codepoints>.png`, and `emoji.json` with the packages'
 versions and licences, the counts per task and what was left out (emoji the font draws as more
 than one glyph). The same packages give byte-identical files.
 """
@@ -37,6 +43,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import random
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
@@ -70,7 +77,10 @@ CANVAS = (136, 128)
 SKIN_TONES = {chr(c) for c in range(0x1F3FB, 0x1F400)}
 VARIATION_SELECTOR = "\ufe0f"
 TASKS = ("image-to-name", "name-to-image", "image-to-category", "image-to-name-de", "keywords-to-image")
-COLUMNS = ("id", "task", "query", "query_image", "positive", "positive_image", "source", "emoji", "group", "subgroup")
+COLUMNS = ("id", "task", "query", "query_image", "positive", "positive_image", "candidates", "candidate_images",
+           "source", "emoji", "group", "subgroup")
+LABEL_SET = 100  # a task with at most this many distinct positives lists them all as candidates
+CANDIDATES = 20  # else: the positive and 19 others
 
 
 @dataclass(frozen=True)
@@ -152,6 +162,21 @@ def rows_of(emoji: Emoji, image: str, en: tuple[dict, dict], de: tuple[dict, dic
             if (q or qi) and (p or pi)]  # fmt: skip
 
 
+def add_candidates(rows: list[dict]) -> None:
+    """Each row's candidate list (its positive first, then other distinct positives of its
+    task), drawn by a generator seeded with the row's id: a rebuild draws the same."""
+    by_task: dict[str, dict[tuple, None]] = {}
+    for r in rows:
+        by_task.setdefault(r["task"], {})[(r["positive"], r["positive_image"])] = None
+    for r in rows:
+        own = (r["positive"], r["positive_image"])
+        pool = [p for p in by_task[r["task"]] if p != own]
+        if len(pool) >= LABEL_SET:
+            pool = random.Random(hashlib.sha256(r["id"].encode()).hexdigest()).sample(pool, CANDIDATES - 1)
+        r["candidates"] = [text for text, _ in [own, *pool]]
+        r["candidate_images"] = [image for _, image in [own, *pool]]
+
+
 def package_versions() -> dict[str, dict[str, str]]:
     """Each package's installed version and licence; exit 2 naming a missing one."""
     out = {}
@@ -189,6 +214,7 @@ def build(out: Path, size: int, groups: list[str] | None) -> dict:
             image = f"images/noto/{e.codepoints}.png"
             picture.save(out / image, optimize=True)
             rows.extend(rows_of(e, image, en, de))
+    add_candidates(rows)
     table = pa.table({c: [r[c] for r in rows] for c in COLUMNS})
     pq.write_table(table, out / "emoji.parquet", compression="zstd")
     counts = {task: sum(r["task"] == task for r in rows) for task in TASKS}

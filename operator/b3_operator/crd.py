@@ -37,6 +37,7 @@ PHASES = ["Pending", "Queued", "Ranking", "Partitioning", "Training", "Succeeded
 # (object path in the spec, CEL rule on that object, message); `self` is the object at the path
 CEL_RULES: list[tuple[str, str, str]] = [
     ("dataset.split", "self.testBucket < self.buckets", "testBucket must be smaller than buckets"),
+    ("dataset.columns", "!has(self.candidateImages) || has(self.candidates)", "candidateImages needs candidates"),
     ("mining", "self.batchSize % self.clusterSize == 0", "clusterSize must divide batchSize"),
     ("mining", "self.perTask || self.mixTasks",
      "perTask false builds communities across tasks: set mixTasks true, or keep perTask true"),
